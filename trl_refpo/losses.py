@@ -1,0 +1,173 @@
+"""Preference objectives as pure functions of per-pair log-probabilities.
+
+Every function takes per-pair tensors of shape ``(B,)`` (sums of completion-token log-probs unless a
+docstring says otherwise) and hyperparameters, and returns the per-pair losses ``(B,)``. Nothing here
+reads a model, a batch dict or trainer state: the trainer (or your own loop) computes the log-probs,
+the controllers in :mod:`trl_refpo.controllers` supply the adaptive β / margins, and these functions
+apply the paper's formula. The exact mathematics is ``shared/ALGORITHMS.md`` of the project.
+
+Notation: ``lp(y) = Σ_t log π(y_t | x, y_<t)``; the DPO logit is
+``Δ = [lp_θ(y_w) − lp_ref(y_w)] − [lp_θ(y_l) − lp_ref(y_l)]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Scalar = float | Tensor
+
+
+def dpo_logits(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+) -> Tensor:
+    """The DPO logit Δ = [lp_θ(y_w) − lp_ref(y_w)] − [lp_θ(y_l) − lp_ref(y_l)]."""
+    return (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+
+
+def sigmoid_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: Scalar,
+) -> Tensor:
+    """DPO (Rafailov et al., 2023, Eq. 7): ``−log σ(β·Δ)``.
+
+    ``beta`` may be a float or a per-pair tensor; ε-DPO and β-DPO are this loss with their own β.
+    """
+    logits = dpo_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return -F.logsigmoid(beta * logits)
+
+
+def epsilon_dpo_pair_beta(beta: Scalar, epsilon: float, steps: Tensor) -> Tensor:
+    """ε-DPO (Lee et al., 2025, "KL Penalty Control via Perturbation for DPO", §4): per-pair β.
+
+    ``β_i = β / (1 + ε·step_i)`` with ``step_i ∈ {−1, 0, +1}`` from
+    :func:`epsilon_dpo_steps`. The loss is then :func:`sigmoid_dpo_loss` with ``beta=β_i``.
+    """
+    return beta / (1.0 + epsilon * steps.to(torch.get_default_dtype() if not torch.is_tensor(beta) else beta.dtype))
+
+
+def epsilon_dpo_steps(logratio: Tensor, logratio_weaker_kl: Tensor, logratio_stronger_kl: Tensor) -> Tensor:
+    """ε-DPO step decision per pair (ALGORITHMS.md §1; the authors' released code).
+
+    ``s = lp_θ(y_w) − lp_θ(y_l)``; ``s⁻`` / ``s⁺`` the same under the perturbed policies
+    ``log_softmax((1+ε)·h_θ − ε·h_ref)`` (weaker KL, β/(1+ε)) and ``log_softmax((1−ε)·h_θ + ε·h_ref)``
+    (stronger KL, β/(1−ε)). ``+1`` if ``s⁻ > s > s⁺`` (weaker KL is better: lower β), ``−1`` if
+    ``s⁺ > s > s⁻`` (raise β), ``0`` otherwise.
+    """
+    increase = (logratio_weaker_kl > logratio) & (logratio > logratio_stronger_kl)
+    decrease = (logratio_stronger_kl > logratio) & (logratio > logratio_weaker_kl)
+    return increase.long() - decrease.long()
+
+
+def flex_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta_chosen: Scalar,
+    beta_rejected: Scalar,
+) -> Tensor:
+    """Flex-DPO (Yan et al., "3D-Properties of DPO", §4): separate β for chosen and rejected.
+
+    ``−log σ(β⁺·[lp_θ(y_w) − lp_ref(y_w)] − β⁻·[lp_θ(y_l) − lp_ref(y_l)])``; β⁺ = β⁻ is DPO.
+    """
+    chosen_logratios = policy_chosen_logps - ref_chosen_logps
+    rejected_logratios = policy_rejected_logps - ref_rejected_logps
+    return -F.logsigmoid(beta_chosen * chosen_logratios - beta_rejected * rejected_logratios)
+
+
+def alpha_dpo_z(gap: Tensor, mu: Scalar, sigma: Scalar, eps: float = 1e-8) -> Tensor:
+    """α-DPO's z-normalised gap ``z = (g − μ)/σ``; ``z := 0`` where σ ≈ 0 (a guard the authors' code lacks)."""
+    sigma = torch.as_tensor(sigma, dtype=gap.dtype, device=gap.device)
+    if sigma.abs() < eps:
+        return torch.zeros_like(gap)
+    return (gap - mu) / sigma
+
+
+def alpha_dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: Scalar,
+    gamma_beta_ratio: float,
+    alpha: float,
+    mu: Scalar,
+    sigma: Scalar,
+) -> Tensor:
+    """α-DPO (Wu et al., 2025, "α-DPO: Adaptive Reward Margin", Eq. 12 as in the authors' code).
+
+    Inputs are length-normalised log-probs ``ln(y) = lp(y)/n(y)`` when ``ln=True`` (the default), raw
+    ``lp`` otherwise (paper Table 5). With ``u = ln_θ(y_w) − ln_θ(y_l)``, ``r = ln_ref(y_w) − ln_ref(y_l)``,
+    ``g = u − r`` and running moments μ, σ of ``g``:
+
+        margin = stopgrad(γ/β + α·(g − μ)/σ),   loss = −log σ(β·(u − margin)).
+
+    The paper's Eq. 12 writes the margin as ``γ + α·M*`` outside the β factor; the authors' code
+    multiplies ``α·z`` by β, which is what this function (and ALGORITHMS.md §4) follows.
+    ``alpha=0`` is exactly :func:`simpo_loss`.
+    """
+    policy_margin = policy_chosen_logps - policy_rejected_logps
+    gap = policy_margin - (ref_chosen_logps - ref_rejected_logps)
+    margin = (gamma_beta_ratio + alpha * alpha_dpo_z(gap, mu, sigma)).detach()
+    return -F.logsigmoid(beta * (policy_margin - margin))
+
+
+def simpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    beta: Scalar,
+    gamma_beta_ratio: float,
+) -> Tensor:
+    """SimPO (Meng et al., 2024, Eq. 6): ``−log σ(β·(ln_θ(y_w) − ln_θ(y_l)) − γ)`` with ``γ = β·gamma_beta_ratio``.
+
+    Reference-free; it is α-DPO with α = 0. Pass length-normalised log-probs for the paper's loss.
+    """
+    return -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio))
+
+
+def probability_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: Scalar) -> Tensor:
+    """Probability reward parameterisation (Liu et al., "Understanding Reference Policies in DPO", Eq. 10).
+
+    ``−log σ(β·[lp_θ(y_w) − lp_θ(y_l)])``: DPO with the reference removed. Paper optimum β = 100.
+    """
+    return -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps))
+
+
+def typo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    policy_ref_sample_logps: Tensor,
+    typo_lambda: float,
+) -> Tensor:
+    """TYPO (Xiao et al., "New Desiderata for Direct Preference Optimization", Eq. 14–17).
+
+    ``log(1 + π_θ(y_l|x)/π_θ(y_w|x)) − λ·log π_θ(y_ref|x) = softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``
+    where ``y_ref`` is a completion sampled from the reference policy for the same prompt.
+    """
+    return F.softplus(policy_rejected_logps - policy_chosen_logps) - typo_lambda * policy_ref_sample_logps
+
+
+def beta_dpo_batch_beta(batch_mean_reward_gap: Tensor, beta: float, beta_dpo_alpha: float, baseline: Tensor) -> Tensor:
+    """β-DPO (Wu et al., 2024, "β-DPO: DPO with Dynamic β", Eq. 7): batch-level β.
+
+    ``β_batch = β₀·[1 + a·(M_batch − M₀)]`` clamped to ``≥ 1e-3·β₀``, with ``M_batch`` the batch mean of
+    ``β₀·Δ_i`` and ``M₀`` its running mean (see :class:`trl_refpo.controllers.BetaDPOController`).
+    The loss is :func:`sigmoid_dpo_loss` with ``beta=β_batch``.
+    """
+    return torch.clamp(beta * (1.0 + beta_dpo_alpha * (batch_mean_reward_gap - baseline)), min=1e-3 * beta)
+
+
+def sft_loss(chosen_token_logps: Tensor, chosen_token_mask: Tensor) -> Tensor:
+    """Token-mean NLL of the chosen completions over the batch (TRL's ``sft`` term; 3D-properties Eq. 6).
+
+    Takes per-token log-probs ``(B, T)`` and the completion mask; returns a scalar.
+    """
+    return -chosen_token_logps[chosen_token_mask.bool()].mean()

@@ -1,0 +1,259 @@
+"""The ``loss_type`` registry: each entry binds a pure loss from :mod:`trl_refpo.losses` to its config
+fields and, where the paper needs one, to a controller from :mod:`trl_refpo.controllers`.
+
+The trainer sees only the :class:`Objective` interface: it builds one :class:`PairBatch` per
+micro-batch (policy log-probs, reference log-probs from whichever reference source is configured),
+calls every objective of the ``loss_type`` list on it and sums ``weight × mean(loss)``. Adding a loss
+type means adding one small class here; the trainer has no per-loss branches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from . import losses
+from .controllers import BetaDPOController, Controller, EpsilonBetaController, RunningMoments
+from .trl_losses import TRL_PAIR_LOSSES
+
+
+@dataclass
+class PairBatch:
+    """Per-pair quantities of one micro-batch; every tensor is ``(B,)`` unless noted."""
+
+    chosen_logps: Tensor
+    rejected_logps: Tensor
+    chosen_lengths: Tensor
+    rejected_lengths: Tensor
+    chosen_token_logps: Tensor  # (B, T) per-token log-probs of the chosen rows (0 outside the completion)
+    chosen_token_mask: Tensor  # (B, T)
+    ref_chosen_logps: Tensor | None = None
+    ref_rejected_logps: Tensor | None = None
+    ref_chosen_lengths: Tensor | None = None  # the reference's own completion token counts
+    ref_rejected_lengths: Tensor | None = None
+    extra_logps: dict[str, Tensor] = field(default_factory=dict)  # e.g. TYPO's reference sample
+    perturbed_logratios: dict[str, Tensor] = field(default_factory=dict)  # ε-DPO: "weaker_kl", "stronger_kl"
+
+    @property
+    def has_reference(self) -> bool:
+        return self.ref_chosen_logps is not None
+
+    def reference(self) -> tuple[Tensor, Tensor]:
+        if self.ref_chosen_logps is None:
+            raise RuntimeError("This loss type needs reference log-probs but none were computed.")
+        return self.ref_chosen_logps, self.ref_rejected_logps
+
+
+@dataclass
+class StepContext:
+    training: bool
+    gather: Callable[[Tensor], Tensor]  # concatenates a tensor over all processes
+
+
+@dataclass
+class ObjectiveOutput:
+    losses: Tensor  # (B,)
+    chosen_rewards: Tensor  # (B,) implicit rewards, for logging
+    rejected_rewards: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)  # already global (same on all processes)
+
+
+class Objective:
+    """One ``loss_type``. Subclasses set the class attributes and implement :meth:`__call__`."""
+
+    name: ClassVar[str]
+    needs_reference: ClassVar[bool] = True
+    needs_perturbation: ClassVar[bool] = False  # ε-DPO: perturbed log-ratios from hidden states
+    controller: Controller | None = None
+
+    def __init__(self, args):
+        self.args = args
+
+    def extra_completion_columns(self) -> tuple[str, ...]:
+        """Dataset columns holding extra completions scored in the same policy forward (TYPO)."""
+        return ()
+
+    def __call__(self, pairs: PairBatch, ctx: StepContext) -> ObjectiveOutput:
+        raise NotImplementedError
+
+
+def _logratio_rewards(pairs: PairBatch, beta_chosen, beta_rejected) -> tuple[Tensor, Tensor]:
+    ref_chosen, ref_rejected = pairs.reference()
+    return (
+        (beta_chosen * (pairs.chosen_logps - ref_chosen)).detach(),
+        (beta_rejected * (pairs.rejected_logps - ref_rejected)).detach(),
+    )
+
+
+class TRLBuiltin(Objective):
+    """A TRL loss type used inside a list that also holds trl-refpo types (see :mod:`trl_refpo.trl_losses`)."""
+
+    def __init__(self, args, name: str):
+        super().__init__(args)
+        self.name = name
+        self.needs_reference = name != "sft"
+
+    def __call__(self, pairs: PairBatch, ctx: StepContext) -> ObjectiveOutput:
+        beta = self.args.beta
+        if self.name == "sft":
+            loss = losses.sft_loss(pairs.chosen_token_logps, pairs.chosen_token_mask)
+            zeros = torch.zeros_like(pairs.chosen_logps)
+            return ObjectiveOutput(loss.expand_as(pairs.chosen_logps), zeros, zeros)
+        ref_chosen, ref_rejected = pairs.reference()
+        chosen_logratios = pairs.chosen_logps - ref_chosen
+        rejected_logratios = pairs.rejected_logps - ref_rejected
+        per_pair = TRL_PAIR_LOSSES[self.name](
+            chosen_logratios=chosen_logratios,
+            rejected_logratios=rejected_logratios,
+            beta=beta,
+            label_smoothing=self.args.label_smoothing,
+            discopop_tau=self.args.discopop_tau,
+            chosen_lengths=pairs.chosen_lengths,
+            rejected_lengths=pairs.rejected_lengths,
+            policy_logratios=pairs.chosen_logps - pairs.rejected_logps,
+            ref_logratios=ref_chosen - ref_rejected,
+        )
+        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta, beta))
+
+
+class FlexDPO(Objective):
+    name = "flex_dpo"
+
+    def __call__(self, pairs, ctx):
+        beta_chosen = self.args.beta_chosen if self.args.beta_chosen is not None else self.args.beta
+        beta_rejected = self.args.beta_rejected if self.args.beta_rejected is not None else self.args.beta
+        ref_chosen, ref_rejected = pairs.reference()
+        per_pair = losses.flex_dpo_loss(
+            pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, beta_chosen, beta_rejected
+        )
+        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta_chosen, beta_rejected))
+
+
+class _LengthNormalised(Objective):
+    """Shared by SimPO and α-DPO: ``ln(y) = lp(y)/n(y)`` when ``args.ln`` (each side with its own counts)."""
+
+    def _normalise(self, logps: Tensor, lengths: Tensor | None) -> Tensor:
+        if not self.args.ln:
+            return logps
+        return logps / lengths.clamp(min=1)
+
+    def policy_terms(self, pairs: PairBatch) -> tuple[Tensor, Tensor]:
+        return self._normalise(pairs.chosen_logps, pairs.chosen_lengths), self._normalise(
+            pairs.rejected_logps, pairs.rejected_lengths
+        )
+
+
+class SimPO(_LengthNormalised):
+    name = "simpo"
+    needs_reference = False
+
+    def __call__(self, pairs, ctx):
+        chosen, rejected = self.policy_terms(pairs)
+        beta = self.args.beta
+        per_pair = losses.simpo_loss(chosen, rejected, beta, self.args.gamma_beta_ratio)
+        return ObjectiveOutput(per_pair, (beta * chosen).detach(), (beta * rejected).detach())
+
+
+class AlphaDPO(_LengthNormalised):
+    name = "alpha_dpo"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.controller = RunningMoments(momentum=0.9)
+
+    def __call__(self, pairs, ctx):
+        chosen, rejected = self.policy_terms(pairs)
+        ref_chosen_logps, ref_rejected_logps = pairs.reference()
+        ref_chosen_lengths = pairs.ref_chosen_lengths if pairs.ref_chosen_lengths is not None else pairs.chosen_lengths
+        ref_rejected_lengths = (
+            pairs.ref_rejected_lengths if pairs.ref_rejected_lengths is not None else pairs.rejected_lengths
+        )
+        ref_chosen = self._normalise(ref_chosen_logps, ref_chosen_lengths)
+        ref_rejected = self._normalise(ref_rejected_logps, ref_rejected_lengths)
+        if ctx.training:
+            gap = (chosen - rejected) - (ref_chosen - ref_rejected)
+            self.controller.update(ctx.gather(gap.detach()))
+        moments = self.controller
+        beta = self.args.beta
+        per_pair = losses.alpha_dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha,
+            moments.mu, moments.sigma,
+        )
+        gap = ((chosen - rejected) - (ref_chosen - ref_rejected)).detach()
+        margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, moments.mu, moments.sigma)
+        metrics = {
+            "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()),
+            "alpha_dpo/mu": moments.mu,
+            "alpha_dpo/sigma": moments.sigma,
+        }
+        return ObjectiveOutput(per_pair, (beta * chosen).detach(), (beta * rejected).detach(), metrics)
+
+
+class Probability(Objective):
+    name = "probability"
+    needs_reference = False
+
+    def __call__(self, pairs, ctx):
+        beta = self.args.beta
+        per_pair = losses.probability_loss(pairs.chosen_logps, pairs.rejected_logps, beta)
+        return ObjectiveOutput(per_pair, (beta * pairs.chosen_logps).detach(), (beta * pairs.rejected_logps).detach())
+
+
+class Likelihood(Objective):
+    """Reference Policies paper Eq. 15: sigmoid DPO whose reference is the prior ``p_LM(y)`` (no prompt).
+
+    The prior reference is selected by the config (``ref_prompt='none'``); this objective is DPO.
+    """
+
+    name = "likelihood"
+
+    def __call__(self, pairs, ctx):
+        beta = self.args.beta
+        ref_chosen, ref_rejected = pairs.reference()
+        per_pair = losses.sigmoid_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, beta)
+        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta, beta))
+
+
+class BetaDPO(Objective):
+    name = "beta_dpo"
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.controller = BetaDPOController(momentum=args.beta_dpo_momentum)
+
+    def __call__(self, pairs, ctx):
+        beta0 = self.args.beta
+        ref_chosen, ref_rejected = pairs.reference()
+        logits = losses.dpo_logits(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected).detach()
+        batch_mean = float(ctx.gather(beta0 * logits).mean())
+        baseline = self.controller.baseline_for(batch_mean)
+        beta = float(
+            losses.beta_dpo_batch_beta(torch.tensor(batch_mean), beta0, self.args.beta_dpo_alpha, torch.tensor(baseline))
+        )
+        if ctx.training:
+            self.controller.update(batch_mean)
+        per_pair = losses.sigmoid_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, beta)
+        metrics = {"beta_dpo/beta": beta, "beta_dpo/reward_gap_mean": batch_mean, "beta_dpo/baseline": baseline}
+        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta, beta), metrics)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    cls.name: cls for cls in (FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO)
+}
+"""trl-refpo's own loss types. Other modules register theirs with :func:`register_objective`."""
+
+
+def register_objective(cls: type[Objective]) -> type[Objective]:
+    OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def build_objectives(args) -> list[Objective]:
+    built = []
+    for name in args.loss_type:
+        built.append(OBJECTIVES[name](args) if name in OBJECTIVES else TRLBuiltin(args, name))
+    return built

@@ -1,0 +1,94 @@
+"""Where the reference log-probs of a micro-batch come from.
+
+A reference source turns a collated batch into per-pair reference log-probs (and, where the
+reference tokenises differently, its own completion token counts). The trainer asks the one source
+chosen at construction; objectives never know which it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from accelerate.utils import is_peft_model
+from torch import Tensor
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import use_adapter
+
+
+@dataclass
+class ReferenceLogps:
+    chosen: Tensor
+    rejected: Tensor
+    chosen_lengths: Tensor | None = None  # the reference's own completion token counts, where they differ
+    rejected_lengths: Tensor | None = None
+
+
+def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row sums of completion-token log-probs through TRL's fused LM head, and the per-token values.
+
+    Returns ``(row_logps (R,), per_token_logps (R, T-1))``; ``per_token_logps`` is 0 outside the completion.
+    """
+    labels = input_ids.masked_fill(completion_mask == 0, -100)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+    per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
+    return per_token.sum(dim=1), per_token, outputs
+
+
+class ReferenceSource:
+    """Base class. ``needs_model`` says whether the trainer must keep a reference model in memory."""
+
+    needs_model = False
+
+    def __call__(self, trainer, inputs: dict, num_pairs: int) -> ReferenceLogps | None:
+        raise NotImplementedError
+
+
+class NoReference(ReferenceSource):
+    """Reference-free loss types (SimPO, probability, TYPO's supervised term)."""
+
+    def __call__(self, trainer, inputs, num_pairs):
+        return None
+
+
+class ColumnReference(ReferenceSource):
+    """``ref_chosen_logps`` / ``ref_rejected_logps`` from the batch: precomputed or supplied by the user."""
+
+    def __call__(self, trainer, inputs, num_pairs):
+        lengths = (inputs.get("ref_chosen_lengths"), inputs.get("ref_rejected_lengths"))
+        return ReferenceLogps(
+            inputs["ref_chosen_logps"].float(), inputs["ref_rejected_logps"].float(),
+            *(None if value is None else value.float() for value in lengths),
+        )
+
+
+class ModelReference(ReferenceSource):
+    """Score the policy's own token ids with the reference model.
+
+    The reference is ``trainer.ref_model`` (the initial policy or a swapped same-tokenizer checkpoint)
+    or, with PEFT and no ``ref_model``, the policy with its adapter disabled (TRL's convention).
+    """
+
+    needs_model = True
+
+    @staticmethod
+    def reference_context(trainer):
+        if trainer.ref_model is None and is_peft_model(trainer.model):
+            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+            return trainer.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        return trainer.ref_model, contextlib.nullcontext()
+
+    def __call__(self, trainer, inputs, num_pairs):
+        model, adapter_context = self.reference_context(trainer)
+        rows = slice(0, 2 * num_pairs)  # chosen and rejected rows; extra rows (TYPO) need no reference
+        with (
+            torch.no_grad(),
+            disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
+            adapter_context,
+        ):
+            row_logps, _, _ = completion_logps(
+                model, inputs["input_ids"][rows], inputs["attention_mask"][rows], inputs["completion_mask"][rows]
+            )
+        chosen, rejected = row_logps.float().chunk(2)
+        return ReferenceLogps(chosen, rejected)

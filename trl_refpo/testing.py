@@ -1,0 +1,83 @@
+"""Tiny in-code models, tokenizers and preference data, for tests, benchmarks and the quickstart.
+
+Nothing here downloads anything: tokenizers are built with ``tokenizers`` (WordLevel) and wrapped in
+``PreTrainedTokenizerFast``; models are random ``LlamaForCausalLM`` from a config.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
+LETTERS = list("abcdefgh")
+DIGITS = [str(d) for d in range(10)]
+WORDS = ["sort", "reverse", "copy", "count", "to", ":", "user", "assistant", "yes", "no", "the", "answer", "is"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<' + message['role'] + '> ' + message['content'] + ' <eos> ' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<assistant> ' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(extra_words: list[str] | None = None, with_chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A whitespace WordLevel tokenizer over a small fixed vocabulary (plus ``extra_words``)."""
+    vocab_words = SPECIAL_TOKENS + ["<user>", "<assistant>", "<system>"] + LETTERS + DIGITS + WORDS + (extra_words or [])
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(vocab_words))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    if with_chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, seed: int = 0, vocab_size: int | None = None):
+    """A random Llama small enough to train in seconds on a CPU."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+def toy_preference_dataset(num_examples: int = 64, seed: int = 0, conversational: bool = False) -> Dataset:
+    """Sort / reverse / copy tasks over letters: ``chosen`` solves the task, ``rejected`` does not."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_examples):
+        task = rng.choice(["sort", "reverse", "copy"])
+        letters = rng.sample(LETTERS, rng.randint(2, 5))
+        correct = {"sort": sorted(letters), "reverse": letters[::-1], "copy": letters}[task]
+        wrong = list(correct)
+        while wrong == correct:
+            rng.shuffle(wrong)
+        prompt = f"{task} : {' '.join(letters)}"
+        chosen, rejected = " ".join(correct), " ".join(wrong)
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": prompt}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            rows.append({"prompt": prompt + " :", "chosen": " " + chosen, "rejected": " " + rejected})
+    return Dataset.from_list(rows)

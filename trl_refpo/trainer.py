@@ -1,0 +1,274 @@
+"""``RefPOTrainer``: TRL's ``DPOTrainer`` with a short loss pipeline for the trl-refpo loss types.
+
+    policy forward → reference source → objectives (with their β / margin controllers) → loss → metrics
+
+A ``loss_type`` made only of TRL's own types is handed to TRL's ``DPOTrainer`` unchanged (plus the
+``logps/accuracies`` metric). See ``shared/TRL_SEAM.md`` for why these overrides and no others.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import warnings
+
+import torch
+from accelerate.utils import is_peft_model
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+from trl import DPOTrainer as _TRLDPOTrainer
+
+from .config import RefPOConfig
+from .objectives import PairBatch, StepContext, build_objectives
+from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource, completion_logps
+
+STATE_FILE = "trl_refpo_state.json"
+
+
+class _ControllerCallback(TrainerCallback):
+    """Steps the controllers once per optimizer step and saves their state with each checkpoint."""
+
+    def __init__(self, trainer: RefPOTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        reduce_sum = lambda tensor: self.trainer.accelerator.reduce(  # noqa: E731
+            tensor.to(self.trainer.accelerator.device), reduction="sum"
+        )
+        for objective in self.trainer.objectives:
+            if objective.controller is not None:
+                objective.controller.on_optimizer_step(reduce_sum)
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, STATE_FILE), "w") as f:
+                    json.dump(self.trainer.controller_state(), f, indent=2)
+
+
+class RefPOTrainer(_TRLDPOTrainer):
+    """DPO trainer whose ``loss_type`` also selects ε-DPO, Flex-DPO, β-DPO, α-DPO, SimPO, TYPO, the
+    probability / likelihood parameterisations, and whose reference log-probs can come from any
+    reference source. Same constructor as TRL's ``DPOTrainer``.
+    """
+
+    _tag_names = ["trl", "dpo", "trl-refpo"]
+
+    def __init__(
+        self,
+        model,
+        ref_model: PreTrainedModel | None = None,
+        args: RefPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
+            args = RefPOConfig(f"{name.split('/')[-1]}-RefPO")
+        if not isinstance(args, RefPOConfig):
+            raise TypeError(
+                f"args must be a trl_refpo.RefPOConfig (or trl_refpo.DPOConfig), got {type(args).__module__}."
+                f"{type(args).__name__}. Replace `from trl import DPOConfig` with `from trl_refpo import DPOConfig`."
+            )
+        self.objectives = build_objectives(args)
+        self.reference_source = self._choose_reference_source(args)
+        ref_model = self._resolve_ref_model(model, ref_model, args, peft_config)
+
+        with self._trl_reference_loading_skipped(args):
+            super().__init__(
+                model=model,
+                ref_model=ref_model,
+                args=args,
+                data_collator=data_collator,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                quantization_config=quantization_config,
+                peft_config=peft_config,
+            )
+        self.add_callback(_ControllerCallback(self))
+        self._captured_policy_logps = None
+        if args.uses_trl_loss_code:
+            self.model.register_forward_hook(self._capture_policy_logps)
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def _choose_reference_source(args: RefPOConfig) -> ReferenceSource:
+        if not args.needs_reference:
+            return NoReference()
+        if args.precompute_ref_log_probs:
+            return ColumnReference()
+        return ModelReference()
+
+    def _resolve_ref_model(self, model, ref_model, args: RefPOConfig, peft_config):
+        if not self.reference_source.needs_model:
+            if ref_model is not None and not args.needs_reference:
+                warnings.warn(
+                    f"loss_type {args.loss_type} is reference-free: the ref_model you passed is not used and not "
+                    "prepared.",
+                    stacklevel=3,
+                )
+                return None
+            return ref_model
+        # TRL reloads the initial policy from `config._name_or_path`; an in-memory policy (built from a config,
+        # or edited after loading) has no such path, so its initial weights are copied instead.
+        if ref_model is None and not isinstance(model, str) and peft_config is None and not is_peft_model(model):
+            return copy.deepcopy(model)
+        return ref_model
+
+    @contextlib.contextmanager
+    def _trl_reference_loading_skipped(self, args: RefPOConfig):
+        """Stop TRL from loading a reference model that the chosen reference source does not use.
+
+        TRL 1.16 loads one whenever ``ref_model`` is None, the policy is not PEFT and
+        ``precompute_ref_log_probs`` is False; it skips loading when precompute is on, and our
+        ``_precompute_ref_logps`` then does nothing for sources that need no scoring.
+        """
+        if self.reference_source.needs_model or args.precompute_ref_log_probs:
+            yield
+            return
+        args.precompute_ref_log_probs = True
+        try:
+            yield
+        finally:
+            args.precompute_ref_log_probs = False
+            self.precompute_ref_logps = False
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if not self.args.needs_reference:
+            return dataset
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    # ------------------------------------------------------------------ trainer state
+    def controller_state(self) -> dict:
+        return {
+            f"{index}:{objective.name}": objective.controller.state_dict()
+            for index, objective in enumerate(self.objectives)
+            if objective.controller is not None
+        }
+
+    def load_controller_state(self, state: dict) -> None:
+        for index, objective in enumerate(self.objectives):
+            key = f"{index}:{objective.name}"
+            if objective.controller is not None and key in state:
+                objective.controller.load_state_dict(state[key])
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        checkpoint = resume_from_checkpoint
+        if isinstance(checkpoint, bool) and checkpoint:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        if isinstance(checkpoint, str):
+            path = os.path.join(checkpoint, STATE_FILE)
+            if os.path.exists(path):
+                with open(path) as f:
+                    self.load_controller_state(json.load(f))
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    # ------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.args.uses_trl_loss_code:
+            self._captured_policy_logps = None
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self._log_policy_ranking(inputs)
+            return result
+        if return_outputs:
+            raise ValueError("return_outputs=True is not supported for trl-refpo loss types.")
+        return self._pipeline_loss(model, inputs)
+
+    def _pipeline_loss(self, model, inputs):
+        mode = "train" if self.model.training else "eval"
+        completion_mask = inputs["completion_mask"]
+        num_pairs = self._num_pairs(inputs)
+        row_logps, per_token_logps, outputs = completion_logps(
+            model, inputs["input_ids"], inputs["attention_mask"], completion_mask
+        )
+        shift_mask = completion_mask[:, 1:]
+        lengths = shift_mask.sum(dim=1).float()
+        reference = self.reference_source(self, inputs, num_pairs)
+        pairs = PairBatch(
+            chosen_logps=row_logps[:num_pairs],
+            rejected_logps=row_logps[num_pairs : 2 * num_pairs],
+            chosen_lengths=lengths[:num_pairs],
+            rejected_lengths=lengths[num_pairs : 2 * num_pairs],
+            chosen_token_logps=per_token_logps[:num_pairs],
+            chosen_token_mask=shift_mask[:num_pairs],
+        )
+        if reference is not None:
+            pairs.ref_chosen_logps, pairs.ref_rejected_logps = reference.chosen, reference.rejected
+            pairs.ref_chosen_lengths, pairs.ref_rejected_lengths = reference.chosen_lengths, reference.rejected_lengths
+        ctx = StepContext(training=mode == "train", gather=self.accelerator.gather)
+        loss_weights = self.args.loss_weights or [1.0] * len(self.objectives)
+        loss = 0.0
+        results = []
+        for objective, weight in zip(self.objectives, loss_weights, strict=True):
+            result = objective(pairs, ctx)
+            loss = loss + weight * result.losses.mean()
+            results.append(result)
+        self._log_pipeline_metrics(mode, pairs, results, outputs, shift_mask, inputs)
+        return loss
+
+    @staticmethod
+    def _num_pairs(inputs) -> int:
+        return inputs["input_ids"].size(0) // 2
+
+    # ------------------------------------------------------------------ metrics
+    def _gathered_mean(self, tensor) -> float:
+        return self.accelerator.gather(tensor.detach().float()).mean().item()
+
+    def _log_pipeline_metrics(self, mode, pairs, results, outputs, shift_mask, inputs):
+        metrics = self._metrics[mode]
+        rewarded = next((r for r in results if r.chosen_rewards.abs().sum() > 0), results[0])
+        chosen_rewards, rejected_rewards = rewarded.chosen_rewards, rewarded.rejected_rewards
+        metrics["rewards/chosen"].append(self._gathered_mean(chosen_rewards))
+        metrics["rewards/rejected"].append(self._gathered_mean(rejected_rewards))
+        metrics["rewards/accuracies"].append(self._gathered_mean(chosen_rewards > rejected_rewards))
+        metrics["rewards/margins"].append(self._gathered_mean(chosen_rewards - rejected_rewards))
+        metrics["logps/chosen"].append(self._gathered_mean(pairs.chosen_logps))
+        metrics["logps/rejected"].append(self._gathered_mean(pairs.rejected_logps))
+        metrics["logps/accuracies"].append(self._gathered_mean(pairs.chosen_logps > pairs.rejected_logps))
+        if pairs.has_reference:
+            metrics["logps/ref_chosen"].append(self._gathered_mean(pairs.ref_chosen_logps))
+            metrics["logps/ref_rejected"].append(self._gathered_mean(pairs.ref_rejected_logps))
+        seq_len = shift_mask.size(1)
+        mask = shift_mask.float()
+        token_count = self.accelerator.gather(mask.sum()).sum()
+        if outputs.entropy is not None and token_count > 0:
+            entropy = self.accelerator.gather((outputs.entropy[:, -seq_len:] * mask).sum()).sum()
+            metrics["entropy"].append((entropy / token_count).item())
+        if mode == "train":
+            self._total_train_tokens += self.accelerator.gather(inputs["attention_mask"].sum()).sum().item()
+        metrics["num_tokens"] = [self._total_train_tokens]
+        for result in results:
+            for name, value in result.metrics.items():
+                metrics[name].append(value)
+
+    def _capture_policy_logps(self, module, args, output):
+        # The first fused forward of a TRL compute_loss call is the policy's (with PEFT the reference forward runs
+        # through the same module afterwards, adapter disabled).
+        if self._captured_policy_logps is None and getattr(output, "log_probs", None) is not None:
+            self._captured_policy_logps = output.log_probs.detach()
+
+    def _log_policy_ranking(self, inputs):
+        if self._captured_policy_logps is None:
+            return
+        seq_len = inputs["completion_mask"].size(1) - 1
+        chosen, rejected = self._captured_policy_logps[:, -seq_len:].sum(dim=1).chunk(2)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["logps/accuracies"].append(self._gathered_mean(chosen > rejected))
+        self._captured_policy_logps = None
