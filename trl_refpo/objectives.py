@@ -74,8 +74,15 @@ class Objective:
         self.args = args
 
     def extra_completion_columns(self) -> tuple[str, ...]:
-        """Dataset columns holding extra completions scored in the same policy forward (TYPO)."""
+        """Token-id columns of extra completions scored in the same policy forward (TYPO).
+
+        Their per-pair log-probs arrive in ``PairBatch.extra_logps[column]``.
+        """
         return ()
+
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
+        """Add the columns this objective needs to TRL's tokenised dataset (default: none)."""
+        return dataset
 
     def __call__(self, pairs: PairBatch, ctx: StepContext) -> ObjectiveOutput:
         raise NotImplementedError

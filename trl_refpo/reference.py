@@ -41,6 +41,10 @@ class ReferenceSource:
 
     needs_model = False
 
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
+        """Add the columns this source needs to TRL's tokenised dataset (default: none)."""
+        return dataset
+
     def __call__(self, trainer, inputs: dict, num_pairs: int) -> ReferenceLogps | None:
         raise NotImplementedError
 

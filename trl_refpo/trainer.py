@@ -21,6 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer as _TRLDPOTrainer
 
 from .config import RefPOConfig
+from .data import FLOAT_COLUMNS, RefPODataCollator
 from .objectives import PairBatch, StepContext, build_objectives
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource, completion_logps
 
@@ -82,6 +83,11 @@ class RefPOTrainer(_TRLDPOTrainer):
             )
         self.objectives = build_objectives(args)
         self.reference_source = self._choose_reference_source(args)
+        # TRL's own loss code is used, unchanged, when every loss type is TRL's and the reference is TRL's.
+        self.uses_pipeline = not args.uses_trl_loss_code
+        self.extra_completion_columns = tuple(
+            column for objective in self.objectives for column in objective.extra_completion_columns()
+        )
         ref_model = self._resolve_ref_model(model, ref_model, args, peft_config)
 
         with self._trl_reference_loading_skipped(args):
@@ -99,9 +105,18 @@ class RefPOTrainer(_TRLDPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        if data_collator is None and not self._is_vision_dataset and self.uses_pipeline:
+            trl_collator = self.data_collator
+            self.data_collator = RefPODataCollator(
+                pad_token_id=trl_collator.pad_token_id,
+                max_length=trl_collator.max_length,
+                truncation_mode=trl_collator.truncation_mode,
+                pad_to_multiple_of=trl_collator.pad_to_multiple_of,
+                extra_completion_keys=self.extra_completion_columns,
+            )
         self.add_callback(_ControllerCallback(self))
         self._captured_policy_logps = None
-        if args.uses_trl_loss_code:
+        if not self.uses_pipeline:
             self.model.register_forward_hook(self._capture_policy_logps)
 
     # ------------------------------------------------------------------ construction helpers
@@ -147,6 +162,18 @@ class RefPOTrainer(_TRLDPOTrainer):
             args.precompute_ref_log_probs = False
             self.precompute_ref_logps = False
 
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if self.uses_pipeline:
+            for component in (self.reference_source, *self.objectives):
+                dataset = component.prepare_dataset(dataset, processing_class, args, dataset_name)
+        return dataset
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [*FLOAT_COLUMNS, "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids", *self.extra_completion_columns]
+        self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
+
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if not self.args.needs_reference:
             return dataset
@@ -182,7 +209,7 @@ class RefPOTrainer(_TRLDPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.args.uses_trl_loss_code:
+        if not self.uses_pipeline:
             self._captured_policy_logps = None
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self._log_policy_ranking(inputs)
@@ -201,13 +228,15 @@ class RefPOTrainer(_TRLDPOTrainer):
         shift_mask = completion_mask[:, 1:]
         lengths = shift_mask.sum(dim=1).float()
         reference = self.reference_source(self, inputs, num_pairs)
+        groups = row_logps.split(num_pairs)  # [chosen, rejected, *extra completion columns]
         pairs = PairBatch(
-            chosen_logps=row_logps[:num_pairs],
-            rejected_logps=row_logps[num_pairs : 2 * num_pairs],
+            chosen_logps=groups[0],
+            rejected_logps=groups[1],
             chosen_lengths=lengths[:num_pairs],
             rejected_lengths=lengths[num_pairs : 2 * num_pairs],
             chosen_token_logps=per_token_logps[:num_pairs],
             chosen_token_mask=shift_mask[:num_pairs],
+            extra_logps=dict(zip(self.extra_completion_columns, groups[2:], strict=True)),
         )
         if reference is not None:
             pairs.ref_chosen_logps, pairs.ref_rejected_logps = reference.chosen, reference.rejected
@@ -223,9 +252,8 @@ class RefPOTrainer(_TRLDPOTrainer):
         self._log_pipeline_metrics(mode, pairs, results, outputs, shift_mask, inputs)
         return loss
 
-    @staticmethod
-    def _num_pairs(inputs) -> int:
-        return inputs["input_ids"].size(0) // 2
+    def _num_pairs(self, inputs) -> int:
+        return inputs["input_ids"].size(0) // (2 + len(self.extra_completion_columns))
 
     # ------------------------------------------------------------------ metrics
     def _gathered_mean(self, tensor) -> float:

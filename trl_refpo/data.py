@@ -1,0 +1,78 @@
+"""Batch collation for the trl-refpo pipeline.
+
+The policy batch keeps TRL's layout — ``2B`` rows ``[chosen; rejected]``, right padding,
+``completion_mask`` — and appends one ``B``-row group per extra completion column (e.g. TYPO's sample
+from the reference), so every completion goes through ONE policy forward. A reference that tokenises
+differently (another tokenizer, or the prompt removed) gets its own ``ref_input_ids`` /
+``ref_attention_mask`` / ``ref_completion_mask`` with ``2B`` rows built from ``ref_prompt_ids``,
+``ref_chosen_ids`` and ``ref_rejected_ids``. Reference log-prob columns stay float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import pad
+
+FLOAT_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")
+
+
+@dataclass
+class RefPODataCollator(DataCollatorForPreference):
+    """``DataCollatorForPreference`` plus extra completion row groups and a reference-side tokenisation.
+
+    Args (in addition to TRL's):
+        extra_completion_keys: token-id columns (e.g. ``"ref_completion_ids"``) appended, in order, as
+            extra ``B``-row groups after ``[chosen; rejected]``, each after the example's ``prompt_ids``.
+        ref_pad_token_id: pad id of the reference tokenizer; set when the dataset has ``ref_*_ids`` columns.
+    """
+
+    extra_completion_keys: tuple[str, ...] = ()
+    ref_pad_token_id: int | None = None
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        output = self._sequences(
+            [ex["prompt_ids"] for ex in examples],
+            [[ex[key] for ex in examples] for key in ("chosen_ids", "rejected_ids", *self.extra_completion_keys)],
+            self.pad_token_id,
+        )
+        if self.ref_pad_token_id is not None:
+            ref = self._sequences(
+                [ex["ref_prompt_ids"] for ex in examples],
+                [[ex[key] for ex in examples] for key in ("ref_chosen_ids", "ref_rejected_ids")],
+                self.ref_pad_token_id,
+            )
+            output.update({f"ref_{name}": tensor for name, tensor in ref.items()})
+        for column in FLOAT_COLUMNS:
+            if column in examples[0]:
+                output[column] = torch.tensor([ex[column] for ex in examples], dtype=torch.float32)
+        return output
+
+    def _sequences(self, prompts: list[list[int]], completion_groups: list[list[list[int]]], pad_token_id: int):
+        input_ids, completion_mask = [], []
+        for completions in completion_groups:
+            for prompt, completion in zip(prompts, completions, strict=True):
+                input_ids.append(prompt + completion)
+                completion_mask.append([0] * len(prompt) + [1] * len(completion))
+        if self.max_length is not None:
+            if self.truncation_mode == "keep_start":
+                window = slice(None, self.max_length)
+            elif self.truncation_mode == "keep_end":
+                window = slice(-self.max_length, None)
+            else:
+                raise ValueError(f"Unsupported truncation_mode {self.truncation_mode!r}: use 'keep_start' or 'keep_end'.")
+            input_ids = [ids[window] for ids in input_ids]
+            completion_mask = [mask[window] for mask in completion_mask]
+
+        def padded(rows, value, dtype):
+            tensors = [torch.tensor(row, dtype=dtype) for row in rows]
+            return pad(tensors, padding_value=value, padding_side="right", pad_to_multiple_of=self.pad_to_multiple_of)
+
+        return {
+            "input_ids": padded(input_ids, pad_token_id, torch.long),
+            "attention_mask": padded([[1] * len(ids) for ids in input_ids], 0, torch.long),
+            "completion_mask": padded(completion_mask, 0, torch.long),
+        }
