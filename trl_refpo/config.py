@@ -6,7 +6,9 @@ model is loaded or any step is trained.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import DPOConfig as _TRLDPOConfig
 
@@ -28,7 +30,20 @@ class RefPOConfig(_TRLDPOConfig):
         ln (`bool`, defaults to True): SimPO / α-DPO length normalisation ``lp(y)/n(y)``.
         beta_dpo_alpha (`float`, defaults to 0.5): β-DPO's sensitivity ``a`` of β to the reward gap.
         beta_dpo_momentum (`float`, defaults to 0.9): β-DPO's momentum of the running reward-gap baseline M₀.
+
+    Reference sources (ALGORITHMS.md §7; a ``ref_model`` / ``ref_tokenizer`` instance can also be passed to the trainer):
+        ref_model_name_or_path (`str`, *optional*): reference checkpoint to load instead of the initial policy.
+        ref_model_init_kwargs (`dict`, *optional*): ``from_pretrained`` kwargs for ``ref_model_name_or_path``.
+        ref_tokenizer_name_or_path (`str`, *optional*): the reference's own tokenizer, when it differs from the
+            policy's: the reference then re-scores the original text with it (cross-tokenizer reference).
+        ref_prompt (`str`, *optional*): ``"full"`` scores ``p_ref(y|x)``; ``"none"`` the prior ``p_ref(y)`` with the
+            prompt removed. Default ``"none"`` for ``loss_type="likelihood"``, else ``"full"``.
+        ref_logps_cache_dir (`str`, *optional*): with ``precompute_ref_log_probs``, a folder where precomputed
+            reference log-probs are stored and reloaded, keyed by data, reference weights and tokenizer, prompt
+            mode and truncation.
     """
+
+    _VALID_DICT_FIELDS = _TRLDPOConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
 
     beta_chosen: float | None = field(default=None, metadata={"help": "Flex-DPO β⁺ (chosen); default: beta."})
     beta_rejected: float | None = field(default=None, metadata={"help": "Flex-DPO β⁻ (rejected); default: beta."})
@@ -37,6 +52,29 @@ class RefPOConfig(_TRLDPOConfig):
     ln: bool = field(default=True, metadata={"help": "SimPO/α-DPO: length-normalise log-probs."})
     beta_dpo_alpha: float = field(default=0.5, metadata={"help": "β-DPO: sensitivity of β to the reward gap."})
     beta_dpo_momentum: float = field(default=0.9, metadata={"help": "β-DPO: momentum of the reward-gap baseline."})
+
+    # ---- reference sources (trl_refpo.reference_setup) ----
+    ref_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Reference checkpoint to load instead of the initial policy."}
+    )
+    ref_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None, metadata={"help": "from_pretrained kwargs for ref_model_name_or_path."}
+    )
+    ref_tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The reference's own tokenizer when it differs from the policy's (re-scores the text)."},
+    )
+    ref_prompt: str | None = field(
+        default=None,
+        metadata={
+            "help": "'full': p_ref(y|x); 'none': the prior p_ref(y), prompt removed. Default 'none' for "
+            "loss_type likelihood, else 'full'.",
+            "choices": ["full", "none"],
+        },
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None, metadata={"help": "Folder caching precomputed reference log-probs (precompute_ref_log_probs)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,7 +131,49 @@ class RefPOConfig(_TRLDPOConfig):
                 )
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3).")
+        self._validate_reference_source()
         if self.sync_ref_model and not self.needs_reference:
             raise ValueError(
                 f"sync_ref_model=True but loss_type {self.loss_type} uses no reference model. Set sync_ref_model=False."
+            )
+
+    def _validate_reference_source(self) -> None:
+        if self.ref_prompt is None:
+            self.ref_prompt = "none" if "likelihood" in self.loss_type else "full"
+        if self.ref_prompt not in ("full", "none"):
+            raise ValueError(f"ref_prompt must be 'full' or 'none', got {self.ref_prompt!r}.")
+        if "likelihood" in self.loss_type and self.ref_prompt != "none":
+            raise ValueError(
+                "loss_type 'likelihood' is DPO against the prior p_ref(y) (the completion scored without its prompt), "
+                "so it needs ref_prompt='none'; got ref_prompt='full'. Unset ref_prompt, or use loss_type 'sigmoid'."
+            )
+        reference_fields = {
+            "ref_model_name_or_path": self.ref_model_name_or_path,
+            "ref_tokenizer_name_or_path": self.ref_tokenizer_name_or_path,
+            "ref_logps_cache_dir": self.ref_logps_cache_dir,
+        }
+        if self.ref_prompt == "none":
+            reference_fields["ref_prompt"] = self.ref_prompt
+        if not self.needs_reference:
+            set_fields = [name for name, value in reference_fields.items() if value is not None]
+            if set_fields:
+                raise ValueError(
+                    f"{set_fields} configure a reference, but loss_type {self.loss_type} uses none. Unset them."
+                )
+        if isinstance(self.ref_model_init_kwargs, str):
+            self.ref_model_init_kwargs = json.loads(self.ref_model_init_kwargs)
+        if self.ref_model_init_kwargs is not None and self.ref_model_name_or_path is None:
+            raise ValueError(
+                "ref_model_init_kwargs is set but ref_model_name_or_path is not: the kwargs load the reference "
+                "checkpoint named there. Set ref_model_name_or_path, or unset ref_model_init_kwargs."
+            )
+        if self.ref_logps_cache_dir is not None and not self.precompute_ref_log_probs:
+            raise ValueError(
+                "ref_logps_cache_dir caches PRECOMPUTED reference log-probs: set precompute_ref_log_probs=True, or "
+                "unset ref_logps_cache_dir."
+            )
+        if self.sync_ref_model and (self.ref_tokenizer_name_or_path is not None):
+            raise ValueError(
+                "sync_ref_model=True copies the policy's weights into the reference, which a reference with a "
+                "different tokenizer (ref_tokenizer_name_or_path) cannot take. Set sync_ref_model=False."
             )

@@ -18,6 +18,9 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
 FLOAT_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")
+REF_ID_COLUMNS = (
+    "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids", "ref_chosen_prompt_start", "ref_rejected_prompt_start"
+)
 
 
 @dataclass
@@ -40,11 +43,14 @@ class RefPODataCollator(DataCollatorForPreference):
             self.pad_token_id,
         )
         if self.ref_pad_token_id is not None:
-            ref = self._sequences(
-                [ex["ref_prompt_ids"] for ex in examples],
-                [[ex[key] for ex in examples] for key in ("ref_chosen_ids", "ref_rejected_ids")],
-                self.ref_pad_token_id,
-            )
+            # Reference rows arrive already cut to the text the policy keeps (trl_refpo.text_reference): a
+            # reference token count is no measure of that text, so max_length does not apply to them here.
+            ref_rows = [
+                (ex["ref_prompt_ids"][ex.get(f"ref_{side}_prompt_start", 0) :], ex[f"ref_{side}_ids"])
+                for side in ("chosen", "rejected")
+                for ex in examples
+            ]
+            ref = self._padded_rows(ref_rows, self.ref_pad_token_id, truncate=False)
             output.update({f"ref_{name}": tensor for name, tensor in ref.items()})
         for column in FLOAT_COLUMNS:
             if column in examples[0]:
@@ -52,12 +58,17 @@ class RefPODataCollator(DataCollatorForPreference):
         return output
 
     def _sequences(self, prompts: list[list[int]], completion_groups: list[list[list[int]]], pad_token_id: int):
-        input_ids, completion_mask = [], []
-        for completions in completion_groups:
-            for prompt, completion in zip(prompts, completions, strict=True):
-                input_ids.append(prompt + completion)
-                completion_mask.append([0] * len(prompt) + [1] * len(completion))
-        if self.max_length is not None:
+        rows = [
+            (prompt, completion)
+            for completions in completion_groups
+            for prompt, completion in zip(prompts, completions, strict=True)
+        ]
+        return self._padded_rows(rows, pad_token_id)
+
+    def _padded_rows(self, rows: list[tuple[list[int], list[int]]], pad_token_id: int, truncate: bool = True):
+        input_ids = [prompt + completion for prompt, completion in rows]
+        completion_mask = [[0] * len(prompt) + [1] * len(completion) for prompt, completion in rows]
+        if truncate and self.max_length is not None:
             if self.truncation_mode == "keep_start":
                 window = slice(None, self.max_length)
             elif self.truncation_mode == "keep_end":

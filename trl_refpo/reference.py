@@ -37,9 +37,13 @@ def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, completio
 
 
 class ReferenceSource:
-    """Base class. ``needs_model`` says whether the trainer must keep a reference model in memory."""
+    """Base class. ``needs_model`` says whether the trainer must keep a reference model in memory;
+    ``trl_compatible`` whether TRL's own loss code can use it unchanged (it scores the policy's token ids);
+    ``ref_pad_token_id`` is set where the batch needs ``ref_input_ids`` (the collator builds them)."""
 
     needs_model = False
+    trl_compatible = True
+    ref_pad_token_id: int | None = None
 
     def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
         """Add the columns this source needs to TRL's tokenised dataset (default: none)."""
@@ -75,6 +79,7 @@ class ModelReference(ReferenceSource):
     """
 
     needs_model = True
+    input_keys = ("input_ids", "attention_mask", "completion_mask")  # the batch rows this source scores
 
     @staticmethod
     def reference_context(trainer):
@@ -85,14 +90,18 @@ class ModelReference(ReferenceSource):
 
     def __call__(self, trainer, inputs, num_pairs):
         model, adapter_context = self.reference_context(trainer)
+        return self.score(trainer, model, adapter_context, inputs, num_pairs)
+
+    def score(self, trainer, model, adapter_context, inputs, num_pairs) -> ReferenceLogps:
+        """Reference log-probs and completion token counts of the first ``2 * num_pairs`` rows of ``input_keys``."""
         rows = slice(0, 2 * num_pairs)  # chosen and rejected rows; extra rows (TYPO) need no reference
+        input_ids, attention_mask, completion_mask = (inputs[key][rows] for key in self.input_keys)
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
             adapter_context,
         ):
-            row_logps, _, _ = completion_logps(
-                model, inputs["input_ids"][rows], inputs["attention_mask"][rows], inputs["completion_mask"][rows]
-            )
+            row_logps, _, _ = completion_logps(model, input_ids, attention_mask, completion_mask)
         chosen, rejected = row_logps.float().chunk(2)
-        return ReferenceLogps(chosen, rejected)
+        chosen_lengths, rejected_lengths = completion_mask[:, 1:].sum(dim=1).float().chunk(2)
+        return ReferenceLogps(chosen, rejected, chosen_lengths, rejected_lengths)

@@ -81,3 +81,38 @@ def toy_preference_dataset(num_examples: int = 64, seed: int = 0, conversational
         else:
             rows.append({"prompt": prompt + " :", "chosen": " " + chosen, "rejected": " " + rejected})
     return Dataset.from_list(rows)
+
+
+# A second tokenizer, different from ``tiny_tokenizer`` in ids, boundaries, special tokens and chat template.
+BPE_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>"]
+BPE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '</s>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 96, with_chat_template: bool = True) -> PreTrainedTokenizerFast:
+    """A character-level BPE tokenizer trained in code on the toy task texts, with no pre-tokenizer.
+
+    Its merges cross spaces (e.g. ``": a"``), so its token boundary between a prompt and its completion often
+    differs from ``tiny_tokenizer``'s; it adds its own BOS ``<s>`` and ends sequences with ``</s>``.
+    """
+    from tokenizers import decoders, processors, trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    alphabet = sorted(set(" :" + "".join(LETTERS + DIGITS + WORDS)))
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=BPE_SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
+    dataset = toy_preference_dataset(num_examples=256, seed=123)
+    corpus = [row["prompt"] + row["chosen"] for row in dataset] + [row["prompt"] + row["rejected"] for row in dataset]
+    backend.train_from_iterator(corpus, trainer)
+    bos_id = backend.token_to_id("<s>")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)])
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    if with_chat_template:
+        tokenizer.chat_template = BPE_CHAT_TEMPLATE
+    return tokenizer

@@ -9,21 +9,20 @@ A ``loss_type`` made only of TRL's own types is handed to TRL's ``DPOTrainer`` u
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
-import warnings
 
 import torch
-from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer as _TRLDPOTrainer
 
 from .config import RefPOConfig
-from .data import FLOAT_COLUMNS, RefPODataCollator
+from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
 from .objectives import PairBatch, StepContext, build_objectives
-from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource, completion_logps
+from .ref_cache import precompute_reference_logps
+from .reference import ColumnReference, completion_logps
+from .reference_setup import setup_reference
 
 STATE_FILE = "trl_refpo_state.json"
 
@@ -53,7 +52,8 @@ class _ControllerCallback(TrainerCallback):
 class RefPOTrainer(_TRLDPOTrainer):
     """DPO trainer whose ``loss_type`` also selects ε-DPO, Flex-DPO, β-DPO, α-DPO, SimPO, TYPO, the
     probability / likelihood parameterisations, and whose reference log-probs can come from any
-    reference source. Same constructor as TRL's ``DPOTrainer``.
+    reference source. Same constructor as TRL's ``DPOTrainer``, plus ``ref_tokenizer``: the tokenizer of a
+    ``ref_model`` that tokenises differently from the policy (it then re-scores the original text).
     """
 
     _tag_names = ["trl", "dpo", "trl-refpo"]
@@ -72,6 +72,7 @@ class RefPOTrainer(_TRLDPOTrainer):
         optimizers=(None, None),
         quantization_config=None,
         peft_config=None,
+        ref_tokenizer=None,
     ):
         if args is None:
             name = model if isinstance(model, str) else getattr(model.config, "_name_or_path", "") or "model"
@@ -82,13 +83,19 @@ class RefPOTrainer(_TRLDPOTrainer):
                 f"{type(args).__name__}. Replace `from trl import DPOConfig` with `from trl_refpo import DPOConfig`."
             )
         self.objectives = build_objectives(args)
-        self.reference_source = self._choose_reference_source(args)
+        reference = setup_reference(
+            model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
+        )
+        ref_model, processing_class = reference.ref_model, reference.processing_class
+        # The source that scores (online, or once with precompute_ref_log_probs) and the one training reads.
+        self.ref_scoring_source = self.reference_source = reference.source
+        if args.precompute_ref_log_probs and reference.source.needs_model:
+            self.reference_source = ColumnReference()
         # TRL's own loss code is used, unchanged, when every loss type is TRL's and the reference is TRL's.
-        self.uses_pipeline = not args.uses_trl_loss_code
+        self.uses_pipeline = not args.uses_trl_loss_code or not reference.source.trl_compatible
         self.extra_completion_columns = tuple(
             column for objective in self.objectives for column in objective.extra_completion_columns()
         )
-        ref_model = self._resolve_ref_model(model, ref_model, args, peft_config)
 
         with self._trl_reference_loading_skipped(args):
             super().__init__(
@@ -113,6 +120,7 @@ class RefPOTrainer(_TRLDPOTrainer):
                 truncation_mode=trl_collator.truncation_mode,
                 pad_to_multiple_of=trl_collator.pad_to_multiple_of,
                 extra_completion_keys=self.extra_completion_columns,
+                ref_pad_token_id=self.reference_source.ref_pad_token_id,
             )
         self.add_callback(_ControllerCallback(self))
         self._captured_policy_logps = None
@@ -120,39 +128,16 @@ class RefPOTrainer(_TRLDPOTrainer):
             self.model.register_forward_hook(self._capture_policy_logps)
 
     # ------------------------------------------------------------------ construction helpers
-    @staticmethod
-    def _choose_reference_source(args: RefPOConfig) -> ReferenceSource:
-        if not args.needs_reference:
-            return NoReference()
-        if args.precompute_ref_log_probs:
-            return ColumnReference()
-        return ModelReference()
-
-    def _resolve_ref_model(self, model, ref_model, args: RefPOConfig, peft_config):
-        if not self.reference_source.needs_model:
-            if ref_model is not None and not args.needs_reference:
-                warnings.warn(
-                    f"loss_type {args.loss_type} is reference-free: the ref_model you passed is not used and not "
-                    "prepared.",
-                    stacklevel=3,
-                )
-                return None
-            return ref_model
-        # TRL reloads the initial policy from `config._name_or_path`; an in-memory policy (built from a config,
-        # or edited after loading) has no such path, so its initial weights are copied instead.
-        if ref_model is None and not isinstance(model, str) and peft_config is None and not is_peft_model(model):
-            return copy.deepcopy(model)
-        return ref_model
-
     @contextlib.contextmanager
     def _trl_reference_loading_skipped(self, args: RefPOConfig):
         """Stop TRL from loading a reference model that the chosen reference source does not use.
 
         TRL 1.16 loads one whenever ``ref_model`` is None, the policy is not PEFT and
         ``precompute_ref_log_probs`` is False; it skips loading when precompute is on, and our
-        ``_precompute_ref_logps`` then does nothing for sources that need no scoring.
+        ``_precompute_ref_logps`` then does nothing for sources that need no scoring. TRL's own loss code
+        reads supplied reference columns only with its precompute flag on.
         """
-        if self.reference_source.needs_model or args.precompute_ref_log_probs:
+        if self.ref_scoring_source.needs_model or args.precompute_ref_log_probs:
             yield
             return
         args.precompute_ref_log_probs = True
@@ -160,24 +145,30 @@ class RefPOTrainer(_TRLDPOTrainer):
             yield
         finally:
             args.precompute_ref_log_probs = False
-            self.precompute_ref_logps = False
+            self.precompute_ref_logps = isinstance(self.ref_scoring_source, ColumnReference)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
         if self.uses_pipeline:
-            for component in (self.reference_source, *self.objectives):
+            for component in (self.ref_scoring_source, *self.objectives):
                 dataset = component.prepare_dataset(dataset, processing_class, args, dataset_name)
         return dataset
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [*FLOAT_COLUMNS, "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids", *self.extra_completion_columns]
+        extra = [*FLOAT_COLUMNS, *REF_ID_COLUMNS, *self.extra_completion_columns]
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        if not self.args.needs_reference:
-            return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        return precompute_reference_logps(self, dataset, name, batch_size)
+
+    def _prepare_inputs(self, inputs):
+        # Under DeepSpeed the HF Trainer casts every float tensor of the batch to the engine's dtype (bf16): reference
+        # log-probs and token counts stay float32.
+        kept = {column: inputs.pop(column) for column in FLOAT_COLUMNS if column in inputs}
+        inputs = super()._prepare_inputs(inputs)
+        inputs.update({column: value.to(self.args.device, torch.float32) for column, value in kept.items()})
+        return inputs
 
     # ------------------------------------------------------------------ trainer state
     def controller_state(self) -> dict:

@@ -1,0 +1,277 @@
+"""A reference that re-scores the original TEXT: with its own tokenizer (cross-tokenizer), without the prompt
+(the prior ``p(y)``), or both (ALGORITHMS.md §6–7).
+
+``TextReference.prepare_dataset`` adds, next to TRL's ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``, the
+reference's own tokenisation of the same example:
+
+- ``ref_prompt_ids``: the prompt as the reference tokenizer tokenises it by default (its own BOS, its own chat
+  template), or with ``prompt_mode="none"`` the empty prompt (BOS only for plain text; an empty user turn for
+  conversational data);
+- ``ref_chosen_ids`` / ``ref_rejected_ids``: the completion tokens, found as TRL finds the policy's (where the
+  tokenised prompt and prompt+completion diverge). A plain-text completion, to which TRL appended the policy's
+  EOS, ends with the REFERENCE's EOS instead;
+- ``ref_chosen_prompt_start`` / ``ref_rejected_prompt_start``: reference prompt tokens dropped at the front.
+
+Truncation: where the collator will cut the policy's sequence (``max_length``), the reference sequence is cut
+here to the same TEXT: the reference keeps the tokens lying wholly inside the character span the policy keeps
+(mapped through the message contents, which both renderings share). Nothing is cut on the reference side
+where the policy keeps everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from trl.data_utils import _tokenize, common_prefix_length, is_conversational
+
+from .reference import ModelReference
+
+logger = logging.getLogger(__name__)
+
+PROMPT_MODES = ("full", "none")
+EMPTY_USER_TURN = [{"role": "user", "content": ""}]
+SIDES = ("chosen", "rejected")
+
+
+class TextReference(ModelReference):
+    """Score ``ref_input_ids`` (built from the text by :meth:`prepare_dataset`) with the reference model.
+
+    Args:
+        tokenizer: the reference's tokenizer (the policy's own for a same-tokenizer prior).
+        prompt_mode: ``"full"`` scores ``p_ref(y | x)``, ``"none"`` the prior ``p_ref(y)``.
+    """
+
+    trl_compatible = False
+    input_keys = ("ref_input_ids", "ref_attention_mask", "ref_completion_mask")
+
+    def __init__(self, tokenizer, prompt_mode: str = "full"):
+        if prompt_mode not in PROMPT_MODES:
+            raise ValueError(f"ref_prompt must be one of {PROMPT_MODES}, got {prompt_mode!r}.")
+        self.tokenizer = tokenizer
+        self.prompt_mode = prompt_mode
+
+    @property
+    def ref_pad_token_id(self) -> int:
+        tokenizer = self.tokenizer
+        for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+            if token_id is not None:
+                return token_id
+
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
+        first = next(iter(dataset))
+        missing = [column for column in ("prompt", "chosen", "rejected") if column not in first]
+        if missing:
+            raise ValueError(
+                f"The {dataset_name} dataset has no {missing} text column(s): a reference with its own tokenizer or "
+                "without the prompt (ref_tokenizer / ref_prompt='none') re-tokenises the original text. Pass the "
+                "dataset with its text (prompt/chosen/rejected), not pre-tokenised ids."
+            )
+        if is_conversational(first) and self.tokenizer.chat_template is None:
+            raise ValueError(
+                f"The {dataset_name} dataset is conversational but the reference tokenizer "
+                f"({getattr(self.tokenizer, 'name_or_path', '') or type(self.tokenizer).__name__}) has no chat "
+                "template. Set `ref_tokenizer.chat_template` (the template the reference model was trained with) "
+                "before building the trainer."
+            )
+        policy_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        fn_kwargs = {
+            "tokenizer": self.tokenizer,
+            "policy_tokenizer": policy_tokenizer,
+            "prompt_mode": self.prompt_mode,
+            "max_length": args.max_length,
+            "truncation_mode": args.truncation_mode,
+        }
+        map_kwargs = {}
+        if hasattr(dataset, "_fingerprint"):  # map-style Dataset (IterableDataset.map has no num_proc / desc)
+            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset for the reference"}
+        return dataset.map(reference_columns, fn_kwargs=fn_kwargs, **map_kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- tokenisation
+def _chat_kwargs(example) -> dict:
+    tools = example.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools, **(example.get("chat_template_kwargs") or {})}
+
+
+def _fallback_context_id(tokenizer) -> int:
+    """The one token a no-prompt plain-text sequence starts with when the tokenizer adds no BOS of its own.
+
+    The first completion token needs a preceding position to be scored at all; BOS (or, failing that, the EOS
+    that separates documents in GPT-style pre-training) is the least informative context the model knows.
+    """
+    for token_id in (tokenizer.bos_token_id, tokenizer.eos_token_id):
+        if token_id is not None:
+            return token_id
+    raise ValueError(
+        "ref_prompt='none' on plain text needs a BOS or EOS token to start the completion from, but the reference "
+        "tokenizer has neither (and adds nothing to an empty text)."
+    )
+
+
+def _strip_suffix(text: str, suffix: str | None) -> str:
+    return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
+
+
+def reference_columns(example, tokenizer, policy_tokenizer, prompt_mode, max_length, truncation_mode) -> dict:
+    """The ``ref_*`` columns of one example (see the module docstring)."""
+    sequences = _reference_sequences(example, tokenizer, policy_tokenizer, prompt_mode)
+    prompt_ids = sequences["prompt_ids"]
+    prompt_len = min(common_prefix_length(prompt_ids, sequences[side]["ids"]) for side in SIDES)
+    output = {"ref_prompt_ids": prompt_ids[:prompt_len]}
+    for side in SIDES:
+        ids = sequences[side]["ids"]
+        policy_len = len(example["prompt_ids"]) + len(example[f"{side}_ids"])
+        start, end = 0, len(ids)
+        if max_length is not None and policy_len > max_length:
+            start, end = _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, max_length, truncation_mode)
+            end = max(end, prompt_len)  # the reference prompt itself is never cut at its end (TRL keeps the policy's)
+        output[f"ref_{side}_prompt_start"] = min(start, prompt_len)
+        output[f"ref_{side}_ids"] = ids[max(start, prompt_len) : end]
+    return output
+
+
+def _reference_sequences(example, tokenizer, policy_tokenizer, prompt_mode) -> dict:
+    """The reference's tokenised prompt and, per side, its full text and ids (prompt + completion)."""
+    output = {"prompt_mode": prompt_mode}
+    if is_conversational(example):
+        kwargs = _chat_kwargs(example)
+        prompt = example["prompt"] if prompt_mode == "full" else EMPTY_USER_TURN
+        output["prompt_ids"] = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        for side in SIDES:
+            text = tokenizer.apply_chat_template(prompt + example[side], tokenize=False, **kwargs)
+            ids = _tokenize(tokenizer, prompt + example[side], **kwargs)["input_ids"]
+            output[side] = {"text": text, "ids": ids, "add_special_tokens": False, "prefix_ids": []}
+        return output
+    prompt = example["prompt"] if prompt_mode == "full" else ""
+    prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
+    prefix_ids = []
+    if not prompt_ids:  # only for an empty prompt: a non-empty one always has tokens
+        prefix_ids = [_fallback_context_id(tokenizer)]
+        prompt_ids = list(prefix_ids)
+    output["prompt_ids"] = prompt_ids
+    for side in SIDES:
+        completion = _strip_suffix(example[side], policy_tokenizer.eos_token) + (tokenizer.eos_token or "")
+        text = prompt + completion
+        ids = prefix_ids + _tokenize(tokenizer, text)["input_ids"]
+        output[side] = {"text": text, "ids": ids, "add_special_tokens": True, "prefix_ids": prefix_ids}
+    return output
+
+
+# ---------------------------------------------------------------------------------------------- truncation
+def _offsets(tokenizer, text: str, add_special_tokens: bool, expected_ids: list[int], who: str) -> list[tuple[int, int]]:
+    """Character spans of ``text``'s tokens; zero-width special tokens sit where the previous token ended."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"Truncating a reference that re-scores text (max_length) needs a fast {who} tokenizer (character "
+            "offsets); got a slow one. Use a fast tokenizer, or set max_length=None."
+        )
+    encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    if list(encoding["input_ids"]) != list(expected_ids):
+        raise ValueError(
+            f"Cannot align truncation: re-tokenising the {who} text does not reproduce its token ids. Set "
+            "max_length=None, or a max_length no example exceeds."
+        )
+    spans, previous_end = [], 0
+    for start, end in encoding["offset_mapping"]:
+        if start == end:
+            start = end = previous_end
+        spans.append((start, end))
+        previous_end = end
+    return spans
+
+
+def _locate(text: str, pieces: list[str], cursor: int, who: str) -> list[tuple[int, int]]:
+    spans = []
+    for piece in pieces:
+        position = text.find(piece, cursor)
+        if position < 0 and piece.strip() != piece:
+            piece = piece.strip()
+            position = text.find(piece, cursor)
+        if position < 0:
+            raise ValueError(
+                f"Cannot align truncation: the {who} rendering does not contain the message text {piece[:40]!r} "
+                "verbatim (its chat template rewrites it). Set max_length=None, or a max_length no example exceeds."
+            )
+        spans.append((position, position + len(piece)))
+        cursor = position + len(piece)
+    return spans
+
+
+def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, max_length, truncation_mode):
+    """Token window ``[start, end)`` of the reference sequence covering the text the policy keeps."""
+    policy_ids = example["prompt_ids"] + example[f"{side}_ids"]
+    reference = sequences[side]
+    conversational = is_conversational(example)
+    if conversational:
+        kwargs = _chat_kwargs(example)
+        policy_text = policy_tokenizer.apply_chat_template(example["prompt"] + example[side], tokenize=False, **kwargs)
+        policy_spans = _offsets(policy_tokenizer, policy_text, False, policy_ids, "policy")
+    else:
+        policy_text = example["prompt"] + example[side]
+        policy_spans = _offsets(policy_tokenizer, policy_text, True, policy_ids, "policy")
+    prefix = reference["prefix_ids"]
+    reference_spans = [(0, 0)] * len(prefix) + _offsets(
+        tokenizer, reference["text"], reference["add_special_tokens"], reference["ids"][len(prefix) :], "reference"
+    )
+
+    # Text both renderings share, in order: message contents (chat) or the raw prompt/completion text.
+    prompt_mode_full = sequences["prompt_mode"] == "full"
+    completion_cursor = policy_spans[len(example["prompt_ids"])][0] if len(policy_ids) > len(example["prompt_ids"]) else 0
+    if conversational:
+        messages = (example["prompt"] if prompt_mode_full else []) + example[side]
+        pieces = [message["content"] for message in messages]
+        if not all(isinstance(piece, str) for piece in pieces):
+            raise ValueError("Cannot align truncation for multimodal message contents. Set max_length=None.")
+        policy_cursor = 0 if prompt_mode_full else completion_cursor
+    else:
+        completion = _strip_suffix(example[side], policy_tokenizer.eos_token)
+        pieces = [example["prompt"] + completion] if prompt_mode_full else [completion]
+        policy_cursor = 0 if prompt_mode_full else len(example["prompt"])
+    policy_pieces = _locate(policy_text, pieces, policy_cursor, "policy")
+    reference_pieces = _locate(reference["text"], pieces, 0, "reference")
+
+    if truncation_mode == "keep_start":
+        kept_end = policy_spans[max_length - 1][1]
+        char_start, char_end = 0, _map_end(kept_end, policy_pieces, reference_pieces)
+    elif truncation_mode == "keep_end":
+        kept_start = policy_spans[len(policy_ids) - max_length][0]
+        char_start, char_end = _map_start(kept_start, policy_pieces, reference_pieces), float("inf")
+    else:
+        raise ValueError(f"Unsupported truncation_mode {truncation_mode!r}: use 'keep_start' or 'keep_end'.")
+    kept = [index for index, (start, end) in enumerate(reference_spans) if start >= char_start and end <= char_end]
+    if not kept:
+        return len(reference_spans), len(reference_spans)
+    return kept[0], kept[-1] + 1
+
+
+def _map_end(position: int, policy_pieces, reference_pieces) -> int:
+    """Policy character position → reference position, for the END of the kept text (exclusive).
+
+    Inside a shared piece the texts are identical; in template text between pieces the reference keeps
+    through the end of the previous piece (not scoring template tokens the policy only partly keeps).
+    """
+    mapped = 0
+    for (policy_start, policy_end), (reference_start, reference_end) in zip(policy_pieces, reference_pieces):
+        if position < policy_start:
+            break
+        if position <= policy_end:
+            return reference_start + (position - policy_start)
+        mapped = reference_end
+    return mapped
+
+
+def _map_start(position: int, policy_pieces, reference_pieces) -> int:
+    """Policy character position → reference position, for the START of the kept text.
+
+    In template text before a piece the reference keeps its own template text introducing that piece.
+    """
+    mapped = 0
+    for (policy_start, policy_end), (reference_start, reference_end) in zip(policy_pieces, reference_pieces):
+        if position <= policy_start:
+            return mapped
+        if position < policy_end:
+            return reference_start + (position - policy_start)
+        mapped = reference_end
+    return mapped
