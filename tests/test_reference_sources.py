@@ -198,6 +198,28 @@ def test_cross_tokenizer_truncation_keeps_the_policys_text(tmp_path, policy, pol
     kept = ref_tokenizer.decode(example["ref_prompt_ids"][start:] + example["ref_chosen_ids"])
     assert start > 0 and "f" not in kept and kept.endswith(" a b</s>")
     assert " g h : a b</s>".endswith(kept)
+    # chat: the policy keeps the assistant message and its EOS (keep_end); so does the reference, in its template
+    chat = Dataset.from_list(
+        [
+            {
+                "prompt": [{"role": "user", "content": "sort : h a g"}],
+                "chosen": [{"role": "assistant", "content": "a g h b c d e f"}],
+                "rejected": [{"role": "assistant", "content": "h g a b c d e f"}],
+            }
+        ]
+    )
+    for truncation_mode, max_length, policy_kept, reference_kept in (
+        ("keep_end", 9, "a g h b c d e f <eos>", "a g h b c d e f</s>"),
+        ("keep_end", 10, "<assistant> a g h b c d e f <eos>", "</s><|assistant|>a g h b c d e f</s>"),  # its whole turn header
+        ("keep_start", 9, "<user> sort : h a g <eos> <assistant> a", "<s><|user|>sort : h a g</s><|assistant|>a"),
+    ):
+        trainer = make_trainer(
+            tmp_path, policy, policy_tokenizer, chat, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer,
+            config={"max_length": max_length, "truncation_mode": truncation_mode},
+        )
+        batch = first_batch(trainer, 1)
+        assert policy_tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0].bool()]) == policy_kept
+        assert ref_tokenizer.decode(batch["ref_input_ids"][0][batch["ref_attention_mask"][0].bool()]) == reference_kept
     # A policy sequence that fits is not cut on the reference side, whatever the reference's token count.
     trainer = make_trainer(
         tmp_path, policy, policy_tokenizer, raw, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer,

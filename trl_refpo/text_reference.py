@@ -25,6 +25,7 @@ import logging
 
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
+from .data import REF_ID_COLUMNS
 from .reference import ModelReference
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class TextReference(ModelReference):
         map_kwargs = {}
         if hasattr(dataset, "_fingerprint"):  # map-style Dataset (IterableDataset.map has no num_proc / desc)
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset for the reference"}
-        return dataset.map(reference_columns, fn_kwargs=fn_kwargs, **map_kwargs)
+        return dataset.map(reference_columns, batched=True, fn_kwargs=fn_kwargs, **map_kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- tokenisation
@@ -114,49 +115,72 @@ def _strip_suffix(text: str, suffix: str | None) -> str:
     return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
 
 
-def reference_columns(example, tokenizer, policy_tokenizer, prompt_mode, max_length, truncation_mode) -> dict:
-    """The ``ref_*`` columns of one example (see the module docstring)."""
-    sequences = _reference_sequences(example, tokenizer, policy_tokenizer, prompt_mode)
-    prompt_ids = sequences["prompt_ids"]
-    prompt_len = min(common_prefix_length(prompt_ids, sequences[side]["ids"]) for side in SIDES)
-    output = {"ref_prompt_ids": prompt_ids[:prompt_len]}
-    for side in SIDES:
-        ids = sequences[side]["ids"]
-        policy_len = len(example["prompt_ids"]) + len(example[f"{side}_ids"])
-        start, end = 0, len(ids)
-        if max_length is not None and policy_len > max_length:
-            start, end = _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, max_length, truncation_mode)
-            end = max(end, prompt_len)  # the reference prompt itself is never cut at its end (TRL keeps the policy's)
-        output[f"ref_{side}_prompt_start"] = min(start, prompt_len)
-        output[f"ref_{side}_ids"] = ids[max(start, prompt_len) : end]
-    return output
-
-
-def _reference_sequences(example, tokenizer, policy_tokenizer, prompt_mode) -> dict:
-    """The reference's tokenised prompt and, per side, its full text and ids (prompt + completion)."""
-    output = {"prompt_mode": prompt_mode}
-    if is_conversational(example):
-        kwargs = _chat_kwargs(example)
-        prompt = example["prompt"] if prompt_mode == "full" else EMPTY_USER_TURN
-        output["prompt_ids"] = _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+def reference_columns(batch, tokenizer, policy_tokenizer, prompt_mode, max_length, truncation_mode) -> dict:
+    """The ``ref_*`` columns of a batch of examples (see the module docstring)."""
+    examples = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    output = {column: [] for column in REF_ID_COLUMNS}
+    for example, sequences in zip(examples, _reference_sequences(examples, tokenizer, policy_tokenizer, prompt_mode)):
+        prompt_ids = sequences["prompt_ids"]
+        prompt_len = min(common_prefix_length(prompt_ids, sequences[side]["ids"]) for side in SIDES)
+        output["ref_prompt_ids"].append(prompt_ids[:prompt_len])
         for side in SIDES:
-            text = tokenizer.apply_chat_template(prompt + example[side], tokenize=False, **kwargs)
-            ids = _tokenize(tokenizer, prompt + example[side], **kwargs)["input_ids"]
-            output[side] = {"text": text, "ids": ids, "add_special_tokens": False, "prefix_ids": []}
-        return output
-    prompt = example["prompt"] if prompt_mode == "full" else ""
-    prompt_ids = _tokenize(tokenizer, prompt)["input_ids"]
-    prefix_ids = []
-    if not prompt_ids:  # only for an empty prompt: a non-empty one always has tokens
-        prefix_ids = [_fallback_context_id(tokenizer)]
-        prompt_ids = list(prefix_ids)
-    output["prompt_ids"] = prompt_ids
-    for side in SIDES:
-        completion = _strip_suffix(example[side], policy_tokenizer.eos_token) + (tokenizer.eos_token or "")
-        text = prompt + completion
-        ids = prefix_ids + _tokenize(tokenizer, text)["input_ids"]
-        output[side] = {"text": text, "ids": ids, "add_special_tokens": True, "prefix_ids": prefix_ids}
+            ids = sequences[side]["ids"]
+            policy_len = len(example["prompt_ids"]) + len(example[f"{side}_ids"])
+            start, end = 0, len(ids)
+            if max_length is not None and policy_len > max_length:
+                start, end = _aligned_window(
+                    example, side, sequences, tokenizer, policy_tokenizer, max_length, truncation_mode
+                )
+                end = max(end, prompt_len)  # the reference prompt is never cut at its end (TRL keeps the policy's)
+            output[f"ref_{side}_prompt_start"].append(min(start, prompt_len))
+            output[f"ref_{side}_ids"].append(ids[max(start, prompt_len) : end])
     return output
+
+
+def _reference_sequences(examples, tokenizer, policy_tokenizer, prompt_mode) -> list[dict]:
+    """Per example: the reference's tokenised prompt and, per side, its full text and ids (prompt + completion)."""
+    if is_conversational(examples[0]):
+        return [_chat_sequences(example, tokenizer, prompt_mode) for example in examples]
+    # Plain text: one batched call per column (the tokenizer's per-call overhead dominates short texts).
+    prompts = [example["prompt"] if prompt_mode == "full" else "" for example in examples]
+    texts = {
+        side: [
+            prompt + _strip_suffix(example[side], policy_tokenizer.eos_token) + (tokenizer.eos_token or "")
+            for prompt, example in zip(prompts, examples, strict=True)
+        ]
+        for side in SIDES
+    }
+    prompt_ids = tokenizer(prompts)["input_ids"] if prompt_mode == "full" else [tokenizer("")["input_ids"]] * len(examples)
+    full_ids = {side: tokenizer(texts[side])["input_ids"] for side in SIDES}
+    output = []
+    for index in range(len(examples)):
+        prefix_ids = []
+        if not prompt_ids[index]:  # only for an empty prompt: a non-empty one always has tokens
+            prefix_ids = [_fallback_context_id(tokenizer)]
+        sequences = {"prompt_mode": prompt_mode, "prompt_ids": list(prefix_ids or prompt_ids[index])}
+        for side in SIDES:
+            sequences[side] = {
+                "text": texts[side][index],
+                "ids": prefix_ids + list(full_ids[side][index]),
+                "add_special_tokens": True,
+                "prefix_ids": prefix_ids,
+            }
+        output.append(sequences)
+    return output
+
+
+def _chat_sequences(example, tokenizer, prompt_mode) -> dict:
+    kwargs = _chat_kwargs(example)
+    prompt = example["prompt"] if prompt_mode == "full" else EMPTY_USER_TURN
+    sequences = {
+        "prompt_mode": prompt_mode,
+        "prompt_ids": _tokenize(tokenizer, prompt, add_generation_prompt=True, **kwargs)["input_ids"],
+    }
+    for side in SIDES:
+        text = tokenizer.apply_chat_template(prompt + example[side], tokenize=False, **kwargs)
+        ids = _tokenize(tokenizer, prompt + example[side], **kwargs)["input_ids"]
+        sequences[side] = {"text": text, "ids": ids, "add_special_tokens": False, "prefix_ids": []}
+    return sequences
 
 
 # ---------------------------------------------------------------------------------------------- truncation
@@ -265,11 +289,14 @@ def _map_end(position: int, policy_pieces, reference_pieces) -> int:
 def _map_start(position: int, policy_pieces, reference_pieces) -> int:
     """Policy character position → reference position, for the START of the kept text.
 
-    In template text before a piece the reference keeps its own template text introducing that piece.
+    Where the policy keeps part of the template text before a piece, the reference keeps its own template text
+    introducing that piece; where the policy starts exactly at the piece, so does the reference.
     """
     mapped = 0
     for (policy_start, policy_end), (reference_start, reference_end) in zip(policy_pieces, reference_pieces):
-        if position <= policy_start:
+        if position == policy_start:
+            return reference_start
+        if position < policy_start:
             return mapped
         if position < policy_end:
             return reference_start + (position - policy_start)
