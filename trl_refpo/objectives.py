@@ -57,8 +57,8 @@ class StepContext:
 @dataclass
 class ObjectiveOutput:
     losses: Tensor  # (B,)
-    chosen_rewards: Tensor  # (B,) implicit rewards, for logging
-    rejected_rewards: Tensor
+    chosen_rewards: Tensor | None  # (B,) implicit rewards for logging; None for terms without one (sft)
+    rejected_rewards: Tensor | None
     metrics: dict[str, float] = field(default_factory=dict)  # already global (same on all processes)
 
 
@@ -108,8 +108,7 @@ class TRLBuiltin(Objective):
         beta = self.args.beta
         if self.name == "sft":
             loss = losses.sft_loss(pairs.chosen_token_logps, pairs.chosen_token_mask)
-            zeros = torch.zeros_like(pairs.chosen_logps)
-            return ObjectiveOutput(loss.expand_as(pairs.chosen_logps), zeros, zeros)
+            return ObjectiveOutput(loss.expand_as(pairs.chosen_logps), None, None)
         ref_chosen, ref_rejected = pairs.reference()
         chosen_logratios = pairs.chosen_logps - ref_chosen
         rejected_logratios = pairs.rejected_logps - ref_rejected
@@ -181,16 +180,15 @@ class AlphaDPO(_LengthNormalised):
         )
         ref_chosen = self._normalise(ref_chosen_logps, ref_chosen_lengths)
         ref_rejected = self._normalise(ref_rejected_logps, ref_rejected_lengths)
-        if ctx.training:
-            gap = (chosen - rejected) - (ref_chosen - ref_rejected)
-            self.controller.update(ctx.gather(gap.detach()))
+        gap = ((chosen - rejected) - (ref_chosen - ref_rejected)).detach()
+        if ctx.training:  # statistics first, then z with the updated μ, σ (authors' order)
+            self.controller.update(ctx.gather(gap))
         moments = self.controller
         beta = self.args.beta
         per_pair = losses.alpha_dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha,
             moments.mu, moments.sigma,
         )
-        gap = ((chosen - rejected) - (ref_chosen - ref_rejected)).detach()
         margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, moments.mu, moments.sigma)
         metrics = {
             "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()),
@@ -238,9 +236,8 @@ class BetaDPO(Objective):
         logits = losses.dpo_logits(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected).detach()
         batch_mean = float(ctx.gather(beta0 * logits).mean())
         baseline = self.controller.baseline_for(batch_mean)
-        beta = float(
-            losses.beta_dpo_batch_beta(torch.tensor(batch_mean), beta0, self.args.beta_dpo_alpha, torch.tensor(baseline))
-        )
+        beta = float(losses.beta_dpo_batch_beta(torch.tensor(batch_mean), beta0, self.args.beta_dpo_alpha,
+                                                torch.tensor(baseline)))
         if ctx.training:
             self.controller.update(batch_mean)
         per_pair = losses.sigmoid_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, beta)

@@ -252,12 +252,13 @@ class RefPOTrainer(_TRLDPOTrainer):
 
     def _log_pipeline_metrics(self, mode, pairs, results, outputs, shift_mask, inputs):
         metrics = self._metrics[mode]
-        rewarded = next((r for r in results if r.chosen_rewards.abs().sum() > 0), results[0])
-        chosen_rewards, rejected_rewards = rewarded.chosen_rewards, rewarded.rejected_rewards
-        metrics["rewards/chosen"].append(self._gathered_mean(chosen_rewards))
-        metrics["rewards/rejected"].append(self._gathered_mean(rejected_rewards))
-        metrics["rewards/accuracies"].append(self._gathered_mean(chosen_rewards > rejected_rewards))
-        metrics["rewards/margins"].append(self._gathered_mean(chosen_rewards - rejected_rewards))
+        rewarded = next((result for result in results if result.chosen_rewards is not None), None)
+        if rewarded is not None:  # the first loss term that defines an implicit reward
+            chosen_rewards, rejected_rewards = rewarded.chosen_rewards, rewarded.rejected_rewards
+            metrics["rewards/chosen"].append(self._gathered_mean(chosen_rewards))
+            metrics["rewards/rejected"].append(self._gathered_mean(rejected_rewards))
+            metrics["rewards/accuracies"].append(self._gathered_mean(chosen_rewards > rejected_rewards))
+            metrics["rewards/margins"].append(self._gathered_mean(chosen_rewards - rejected_rewards))
         metrics["logps/chosen"].append(self._gathered_mean(pairs.chosen_logps))
         metrics["logps/rejected"].append(self._gathered_mean(pairs.rejected_logps))
         metrics["logps/accuracies"].append(self._gathered_mean(pairs.chosen_logps > pairs.rejected_logps))

@@ -1,0 +1,108 @@
+"""Step time and peak memory: RefPOTrainer(sigmoid) vs TRL's DPOTrainer, and each new loss type vs our sigmoid.
+
+    python benchmarks/bench_core.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/bench_core.py --quick    # smoke run
+
+Targets (issue #2): sigmoid ≤ 1.02× TRL's time and ≤ 1.00× its memory; flex_dpo / alpha_dpo / beta_dpo
+≤ 1.02× our sigmoid; simpo / probability ≤ 0.75× (no reference forward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from common import (  # noqa: E402
+    alternate, bench_model, long_preference_dataset, print_table, run_memory_subprocess, step_memory,
+)
+from trl import DPOConfig as TRLDPOConfig  # noqa: E402
+from trl import DPOTrainer as TRLDPOTrainer  # noqa: E402
+
+from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
+
+METHODS = {
+    "trl_sigmoid": None,
+    "sigmoid": dict(loss_type="sigmoid"),
+    "flex_dpo": dict(loss_type="flex_dpo", beta_rejected=0.05),
+    "alpha_dpo": dict(loss_type="alpha_dpo", beta=2.5),
+    "beta_dpo": dict(loss_type="beta_dpo"),
+    "simpo": dict(loss_type="simpo", beta=2.5),
+    "probability": dict(loss_type="probability"),
+}
+TARGETS = {"sigmoid": 1.02, "flex_dpo": 1.02, "alpha_dpo": 1.02, "beta_dpo": 1.02, "simpo": 0.75, "probability": 0.75}
+SIZES = {"full": dict(hidden=256, layers=4, vocab=32000, prompt=48, completion=96, pairs=4, rounds=20),
+         "quick": dict(hidden=64, layers=2, vocab=4000, prompt=16, completion=32, pairs=2, rounds=3)}
+
+
+def build(method: str, model, tokenizer, dataset, output_dir: str):
+    common = dict(output_dir=output_dir, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[],
+                  per_device_train_batch_size=len(dataset), seed=0)
+    ref = copy.deepcopy(model)
+    if method == "trl_sigmoid":
+        return TRLDPOTrainer(model=copy.deepcopy(model), ref_model=ref, args=TRLDPOConfig(**common),
+                             train_dataset=dataset, processing_class=tokenizer)
+    config = RefPOConfig(**common, **METHODS[method])
+    needs_ref = config.needs_reference
+    return RefPOTrainer(model=copy.deepcopy(model), ref_model=ref if needs_ref else None, args=config,
+                        train_dataset=dataset, processing_class=tokenizer)
+
+
+def setup(size):
+    tokenizer, model = bench_model(size["hidden"], size["layers"], size["vocab"])
+    dataset = long_preference_dataset(size["pairs"] * 4, size["prompt"], size["completion"])
+    return tokenizer, model, dataset
+
+
+def batches_of(trainer, dataset, pairs):
+    trainer.args.per_device_train_batch_size = pairs
+    loader = trainer.get_train_dataloader()
+    return [trainer._prepare_inputs(batch) for batch in loader]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-of")
+    cli = parser.parse_args()
+    size = SIZES["quick" if cli.quick else "full"]
+    torch.manual_seed(0)
+    tokenizer, model, dataset = setup(size)
+    tmp = tempfile.mkdtemp()
+
+    if cli.memory_of:
+        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp)
+        batches = batches_of(trainer, dataset, size["pairs"])
+        print(json.dumps(step_memory(lambda: trainer, batches, steps=4)))
+        return
+
+    trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
+    batches = batches_of(trainers["sigmoid"], dataset, size["pairs"])
+    times = alternate(trainers, batches, size["rounds"])
+    extra = ["--quick"] if cli.quick else []
+    memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
+
+    print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; "
+          f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds")
+    rows = [("sigmoid vs TRL sigmoid", times["sigmoid"] / times["trl_sigmoid"],
+             memory["sigmoid"]["step_peak_mib"] / memory["trl_sigmoid"]["step_peak_mib"],
+             memory["sigmoid"]["total_peak_mib"] / memory["trl_sigmoid"]["total_peak_mib"], "≤1.02 time, ≤1.00 mem")]
+    for name in ["flex_dpo", "alpha_dpo", "beta_dpo", "simpo", "probability"]:
+        rows.append((f"{name} vs our sigmoid", times[name] / times["sigmoid"],
+                     memory[name]["step_peak_mib"] / memory["sigmoid"]["step_peak_mib"],
+                     memory[name]["total_peak_mib"] / memory["sigmoid"]["total_peak_mib"], f"≤{TARGETS[name]}"))
+    print_table("Ratios (median step time; peak RSS added by steps; total process peak RSS)", rows,
+                ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"))
+    print_table("Absolute", [(n, times[n] * 1000, memory[n]["step_peak_mib"], memory[n]["total_peak_mib"])
+                             for n in METHODS], ("method", "median step ms", "step peak MiB", "total peak MiB"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Shared helpers for the benchmarks: a CPU-sized model, fixed batches, alternating timing, peak memory.
+
+Timing: every method runs the same batches, interleaved round-robin in ONE process (so machine noise
+hits all methods alike); we report the median step time and its ratio to the baseline.
+Memory: each method runs in a fresh subprocess. The kernel's peak-RSS mark (VmHWM) is reset just before
+the first step (``/proc/self/clear_refs``), so "step peak" is the peak RSS during the training steps
+minus the RSS before them: what the steps themselves add. "total peak" also counts the weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+import psutil
+import torch
+from datasets import Dataset
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from trl_refpo.testing import LETTERS, tiny_llama, tiny_tokenizer  # noqa: E402
+
+
+def long_preference_dataset(num_examples: int, prompt_tokens: int, completion_tokens: int, seed: int = 0) -> Dataset:
+    rng = random.Random(seed)
+
+    def words(n):
+        return " ".join(rng.choice(LETTERS) for _ in range(n))
+
+    return Dataset.from_list(
+        [
+            {"prompt": words(prompt_tokens), "chosen": " " + words(completion_tokens),
+             "rejected": " " + words(completion_tokens - rng.randint(0, completion_tokens // 4))}
+            for _ in range(num_examples)
+        ]
+    )
+
+
+def bench_model(hidden_size: int, num_layers: int, vocab_size: int, seed: int = 0):
+    tokenizer = tiny_tokenizer()
+    return tokenizer, tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed,
+                                 vocab_size=vocab_size)
+
+
+def training_step(trainer, batch, optimizer):
+    trainer.model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def alternate(methods: dict, batches: list, rounds: int) -> dict[str, float]:
+    """Median seconds per training step for each method, measured round-robin on the same batches."""
+    optimizers = {name: torch.optim.AdamW(t.model.parameters(), lr=1e-6) for name, t in methods.items()}
+    for name, trainer in methods.items():  # warm-up
+        training_step(trainer, batches[0], optimizers[name])
+    times = {name: [] for name in methods}
+    for index in range(rounds):
+        batch = batches[index % len(batches)]
+        order = list(methods) if index % 2 == 0 else list(reversed(methods))
+        for name in order:
+            start = time.perf_counter()
+            training_step(methods[name], batch, optimizers[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
+
+
+def step_memory(build_trainer, batches: list, steps: int) -> dict[str, float]:
+    """Run in a fresh process: peak RSS added by `steps` training steps, and the total peak (MiB)."""
+    trainer = build_trainer()
+    optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-6)
+    training_step(trainer, batches[0], optimizer)  # optimizer state and allocator pools exist in every method
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak-RSS mark
+    before = psutil.Process().memory_info().rss
+    for index in range(steps):
+        training_step(trainer, batches[index % len(batches)], optimizer)
+    peak = _peak_rss_bytes()
+    return {"step_peak_mib": (peak - before) / 2**20, "total_peak_mib": peak / 2**20}
+
+
+def run_memory_subprocess(script: str, method: str, extra_args: list[str] | None = None) -> dict[str, float]:
+    output = subprocess.run(
+        [sys.executable, script, "--memory-of", method, *(extra_args or [])],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def print_table(title: str, rows: list[tuple], headers: tuple):
+    print(f"\n{title}")
+    print(" | ".join(headers))
+    print(" | ".join("---" for _ in headers))
+    for row in rows:
+        print(" | ".join(f"{value:.3f}" if isinstance(value, float) else str(value) for value in row))

@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from trl_refpo import RefPOConfig  # noqa: E402
+from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset  # noqa: E402
+
+
+def tiny_args(output_dir, **overrides) -> RefPOConfig:
+    """A RefPOConfig for seconds-long CPU runs."""
+    defaults = dict(
+        output_dir=str(output_dir),
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    defaults.update(overrides)
+    return RefPOConfig(**defaults)
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def model(tokenizer):
+    return tiny_llama(tokenizer)
+
+
+@pytest.fixture
+def dataset():
+    return toy_preference_dataset(16)

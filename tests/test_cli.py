@@ -1,0 +1,231 @@
+"""``trl-refpo dpo``: recipes parse as written, legacy keys keep their old meaning or fail clearly, bad input
+gives one-line errors, and a tiny end-to-end run trains from a recipe on a local model and dataset."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trl_refpo import cli
+from trl_refpo.cli import RecipeError, main, parse_recipe, run_dpo
+from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
+
+RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.yaml"))
+CPU = ["--use_cpu", "--bf16", "false"]
+
+
+def write_recipe(tmp_path, **keys) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(keys, sort_keys=False))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny_model")
+    tokenizer = tiny_tokenizer()
+    tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "prefs.jsonl"
+    with open(path, "w") as f:
+        for row in toy_preference_dataset(24, seed=1):
+            f.write(json.dumps(row) + "\n")
+    return str(path)
+
+
+def tiny_recipe(tmp_path, model_dir, data, **keys):
+    base = dict(
+        model_name_or_path=model_dir,
+        torch_dtype="float32",
+        dataset_mixture={"datasets": [{"id": data, "split": "train", "columns": ["prompt", "chosen", "rejected"],
+                                       "weight": 1.0}], "seed": 0},
+        output_dir=str(tmp_path / "out"),
+        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", disable_tqdm=True,
+        per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2, logging_steps=1, save_strategy="no",
+        seed=0,
+    )
+    base.update(keys)
+    return write_recipe(tmp_path, **base)
+
+
+# ------------------------------------------------------------------------------------------ shipped recipes
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_shipped_recipes_parse(recipe):
+    parsed = parse_recipe(["--config", str(recipe), *CPU])
+    assert parsed.training_args.loss_type
+    assert parsed.script_args.dataset_mixture or parsed.script_args.dataset_name
+    assert parsed.model_args.model_name_or_path
+
+
+def test_handbook_zephyr_recipe_as_written(tmp_path):
+    """The alignment-handbook zephyr-7b-beta DPO recipe, verbatim, plus only loss_type and its hyperparameters."""
+    recipe = yaml.safe_load((Path(__file__).parent / "data" / "zephyr_dpo_config_full.yaml").read_text())
+    recipe.update(loss_type="alpha_dpo", alpha=0.1, gamma_beta_ratio=0.5)
+    parsed = parse_recipe(["--config", write_recipe(tmp_path, **recipe), *CPU])
+    args = parsed.training_args
+    assert args.loss_type == ["alpha_dpo"] and args.alpha == 0.1 and args.beta == 0.01
+    assert args.max_length == 1024 and parsed.max_prompt_length == 512  # max_prompt_length honoured, not dropped
+    assert args.warmup_steps == 0.1  # warmup_ratio → warmup_steps (a ratio in transformers 5)
+    assert parsed.script_args.dataset_mixture["test_split_size"] == 2000
+    assert any("max_prompt_length" in note for note in parsed.notes)
+
+
+def test_cli_flags_override_recipe(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", beta=0.1, loss_type="sigmoid")
+    parsed = parse_recipe(["--config", path, "--beta", "0.3", "--loss_type", "simpo", *CPU])
+    assert parsed.training_args.beta == 0.3 and parsed.training_args.loss_type == ["simpo"]
+
+
+# ------------------------------------------------------------------------------------------ legacy keys
+def test_max_prompt_and_completion_length_set_max_length(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64,
+                        max_completion_length=32)
+    parsed = parse_recipe(["--config", path, *CPU])
+    assert parsed.training_args.max_length == 96
+    assert (parsed.max_prompt_length, parsed.max_completion_length) == (64, 32)
+
+
+def test_explicit_max_length_is_kept(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64,
+                        max_completion_length=32, max_length=80)
+    assert parse_recipe(["--config", path, *CPU]).training_args.max_length == 80
+
+
+@pytest.mark.parametrize("loss_type, weights, expected_types, expected_weights", [
+    ("sigmoid", None, ["sigmoid", "sft"], [1.0, 0.5]),
+    (["ipo", "simpo"], [1.0, 2.0], ["ipo", "simpo", "sft"], [1.0, 2.0, 0.5]),
+])
+def test_rpo_alpha_becomes_weighted_sft_term(tmp_path, loss_type, weights, expected_types, expected_weights):
+    keys = dict(model_name_or_path="m", dataset_name="d", loss_type=loss_type, rpo_alpha=0.5)
+    if weights:
+        keys["loss_weights"] = weights
+    parsed = parse_recipe(["--config", write_recipe(tmp_path, **keys), *CPU])
+    assert parsed.training_args.loss_type == expected_types
+    assert parsed.training_args.loss_weights == expected_weights
+
+
+def test_rpo_alpha_on_command_line(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d")
+    parsed = parse_recipe(["--config", path, "--rpo_alpha=1.0", *CPU])
+    assert parsed.training_args.loss_type == ["sigmoid", "sft"]
+
+
+def test_rpo_alpha_null_is_off(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", rpo_alpha=None)
+    assert parse_recipe(["--config", path, *CPU]).training_args.loss_type == ["sigmoid"]
+
+
+def test_rpo_alpha_with_sft_already_present_is_an_error(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", loss_type=["sigmoid", "sft"],
+                        loss_weights=[1.0, 1.0], rpo_alpha=0.5)
+    with pytest.raises(RecipeError, match="already contains 'sft'"):
+        parse_recipe(["--config", path, *CPU])
+
+
+def test_reference_free_sigmoid_is_probability(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", reference_free=True)
+    assert parse_recipe(["--config", path, *CPU]).training_args.loss_type == ["probability"]
+
+
+def test_reference_free_with_reference_loss_is_an_error(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", loss_type="ipo", reference_free=True)
+    with pytest.raises(RecipeError, match=r"reference_free.*'ipo'.*simpo"):
+        parse_recipe(["--config", path, *CPU])
+
+
+def test_contradictory_renamed_keys_are_an_error(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", torch_dtype="bfloat16", dtype="float32")
+    with pytest.raises(RecipeError, match="torch_dtype.*dtype"):
+        parse_recipe(["--config", path, *CPU])
+
+
+def test_old_dataset_mixer_is_rejected_with_replacement(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_mixer={"org/prefs": 0.5},
+                        dataset_splits=["train_prefs", "test_prefs"])
+    with pytest.raises(RecipeError, match=r"dataset_mixture.*id: org/prefs, split: train_prefs.*weight: 0.5"):
+        parse_recipe(["--config", path, *CPU])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+def test_unknown_recipe_key_is_named_with_suggestion(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", lerning_rate=1e-5, betta=0.1)
+    with pytest.raises(RecipeError, match=r"lerning_rate \(did you mean learning_rate.*betta \(did you mean beta"):
+        parse_recipe(["--config", path, *CPU])
+
+
+def test_unknown_command_line_flag(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d")
+    with pytest.raises(RecipeError, match="--bta"):
+        parse_recipe(["--config", path, "--bta", "0.2", *CPU])
+
+
+def test_two_dataset_sources_in_recipe(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", dataset_mixture={"datasets": []})
+    with pytest.raises(RecipeError, match="alternative dataset sources"):
+        parse_recipe(["--config", path, *CPU])
+
+
+def test_invalid_loss_config_is_one_line(tmp_path, capsys):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", loss_type="nope")
+    assert main(["dpo", "--config", path, *CPU]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("trl-refpo dpo: error: Unknown loss_type ['nope']")
+    assert not any("Traceback" in line for line in err)
+
+
+def test_missing_model_path_is_one_line(tmp_path, tiny_jsonl, capsys):
+    path = tiny_recipe(tmp_path, str(tmp_path / "no_such_model"), tiny_jsonl)
+    assert main(["dpo", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        f"trl-refpo dpo: error: model_name_or_path {str(tmp_path / 'no_such_model')!r} does not exist (no such folder)."
+    )
+
+
+def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_jsonl):
+    real_find_spec = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
+                        real_find_spec(name, *a))
+    zero2 = Path(__file__).parent.parent / "examples" / "accelerate_configs" / "zero2.yaml"
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
+    assert main(["dpo", "--config", path, "--accelerate_config", str(zero2), "--num_processes", "2"]) == 2
+    assert 'pip install "trl-refpo[deepspeed]"' in capsys.readouterr().err
+    # The same check inside a process started by `accelerate launch` with a ZeRO config:
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert main(["dpo", "--config", path]) == 2
+    assert 'pip install "trl-refpo[deepspeed]"' in capsys.readouterr().err
+
+
+def test_launch_options_are_separated(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d")
+    parsed = parse_recipe(["--config", path, "--num_processes", "2", "--beta", "0.2", "--accelerate_config", "zero2",
+                           *CPU])
+    assert parsed.launch_args == ["--num_processes", "2", "--accelerate_config", "zero2"]
+    assert parsed.script_argv == ["--config", path, "--beta", "0.2", *CPU]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def test_end_to_end_recipe_run(tmp_path, tiny_model_dir, tiny_jsonl):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, loss_type="alpha_dpo", alpha=0.2, beta=2.0,
+                       max_prompt_length=4, max_completion_length=3)
+    trainer = run_dpo(parse_recipe(["--config", path]))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
+    assert trainer.objectives[0].controller.sigma > 0  # α-DPO statistics moved
+    dataset = trainer.train_dataset
+    assert max(len(ids) for ids in dataset["prompt_ids"]) == 4  # legacy max_prompt_length applied (last tokens)
+    assert max(len(ids) for ids in dataset["chosen_ids"]) <= 3
+    assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_console_main_trains(tmp_path, tiny_model_dir, tiny_jsonl):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, max_steps=1)
+    assert main(["dpo", "--config", path, "--loss_type", "sigmoid", "--rpo_alpha", "0.5"]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists()

@@ -1,0 +1,215 @@
+"""RefPOTrainer end to end on a tiny Llama: TRL parity, every loss type trains, state survives resume."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_args
+from trl import DPOConfig as TRLDPOConfig
+from trl import DPOTrainer as TRLDPOTrainer
+
+from trl_refpo import RefPOTrainer
+from trl_refpo.testing import tiny_llama
+from trl_refpo.trl_losses import TRL_PAIR_LOSSES
+
+TRAINER_KWARGS = dict(max_steps=1)
+
+
+def first_batch_loss(trainer):
+    trainer.model.train()
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    loss = trainer.compute_loss(trainer.model, batch)
+    metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
+    return loss, metrics
+
+
+def trl_trainer(model, tokenizer, dataset, tmp_path, **config):
+    args = TRLDPOConfig(
+        output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, gradient_checkpointing=False,
+        per_device_train_batch_size=4, report_to=[], seed=0, **config,
+    )
+    return TRLDPOTrainer(
+        model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=args, train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def refpo_trainer(model, tokenizer, dataset, tmp_path, **config):
+    return RefPOTrainer(
+        model=copy.deepcopy(model), args=tiny_args(tmp_path / "refpo", **config), train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+
+
+def train_model_once(model, tokenizer, dataset):
+    """Move the policy away from its reference so that log-ratios are non-zero."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    ids = tokenizer([row["prompt"] + row["chosen"] for row in dataset.select(range(4))], return_tensors="pt",
+                    padding=True)
+    model(**ids, labels=ids["input_ids"]).loss.backward()
+    optimizer.step()
+    return model
+
+
+@pytest.fixture
+def moved_policy_and_ref(model, tokenizer, dataset):
+    ref = copy.deepcopy(model)
+    return train_model_once(model, tokenizer, dataset), ref
+
+
+@pytest.mark.parametrize("loss_type", [["sigmoid"], ["sigmoid", "sft"], ["ipo"]])
+def test_trl_loss_types_are_trls_own(loss_type, moved_policy_and_ref, tokenizer, dataset, tmp_path):
+    policy, ref = moved_policy_and_ref
+    weights = [1.0, 0.3][: len(loss_type)]
+    trl = TRLDPOTrainer(
+        model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+        args=TRLDPOConfig(output_dir=str(tmp_path / "t"), bf16=False, use_cpu=True, gradient_checkpointing=False,
+                          per_device_train_batch_size=4, report_to=[], seed=0, loss_type=loss_type,
+                          loss_weights=weights),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+    ours = RefPOTrainer(
+        model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+        args=tiny_args(tmp_path / "r", loss_type=loss_type, loss_weights=weights), train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trl_loss, trl_metrics = first_batch_loss(trl)
+    our_loss, our_metrics = first_batch_loss(ours)
+    assert abs(trl_loss.item()) > 1e-3
+    torch.testing.assert_close(our_loss, trl_loss)
+    for key, value in trl_metrics.items():
+        assert our_metrics[key] == pytest.approx(value, abs=1e-6), key
+    assert 0.0 <= our_metrics["logps/accuracies"] <= 1.0
+
+
+@pytest.mark.parametrize("trl_type", sorted(TRL_PAIR_LOSSES))
+def test_trl_formulas_in_mixed_lists_match_trl(trl_type, moved_policy_and_ref, tokenizer, dataset, tmp_path):
+    """A TRL type inside a list with a trl-refpo type is computed by trl_losses; it must equal TRL's value."""
+    policy, ref = moved_policy_and_ref
+    extra = {"label_smoothing": 0.1} if trl_type in {"exo_pair", "robust", "aot", "aot_unpaired"} else {}
+    trl = TRLDPOTrainer(
+        model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+        args=TRLDPOConfig(output_dir=str(tmp_path / "t"), bf16=False, use_cpu=True, gradient_checkpointing=False,
+                          per_device_train_batch_size=4, report_to=[], seed=0, loss_type=[trl_type], **extra),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+    ours = RefPOTrainer(
+        model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+        args=tiny_args(tmp_path / "r", loss_type=[trl_type, "flex_dpo"], loss_weights=[1.0, 0.0], **extra),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+    assert ours.uses_pipeline
+    trl_loss, _ = first_batch_loss(trl)
+    our_loss, _ = first_batch_loss(ours)
+    torch.testing.assert_close(our_loss, trl_loss, atol=1e-6, rtol=1e-5)
+
+
+def test_flex_dpo_with_equal_betas_equals_trl_sigmoid(moved_policy_and_ref, tokenizer, dataset, tmp_path):
+    policy, ref = moved_policy_and_ref
+    trl = trl_trainer(policy, tokenizer, dataset, tmp_path, loss_type=["sigmoid"], beta=0.2)
+    ours = RefPOTrainer(
+        model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref),
+        args=tiny_args(tmp_path / "r", loss_type="flex_dpo", beta=0.2), train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    trl.ref_model.load_state_dict(ref.state_dict())
+    trl_loss, trl_metrics = first_batch_loss(trl)
+    our_loss, our_metrics = first_batch_loss(ours)
+    torch.testing.assert_close(our_loss, trl_loss, atol=1e-6, rtol=1e-6)
+    for key in ["rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"]:
+        assert our_metrics[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
+
+
+ALL_PLUGIN_CONFIGS = {
+    "flex_dpo": dict(loss_type="flex_dpo", beta=0.5, beta_chosen=0.5, beta_rejected=0.2),
+    "alpha_dpo": dict(loss_type="alpha_dpo", beta=2.5, alpha=0.2, gamma_beta_ratio=0.3),
+    "simpo": dict(loss_type="simpo", beta=2.5, gamma_beta_ratio=0.3),
+    "probability": dict(loss_type="probability", beta=0.5),
+    "beta_dpo": dict(loss_type="beta_dpo", beta=0.5),
+    "alpha_dpo+sft": dict(loss_type=["alpha_dpo", "sft"], loss_weights=[1.0, 0.2], beta=2.5),
+    "sigmoid": dict(loss_type="sigmoid", beta=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_PLUGIN_CONFIGS))
+def test_every_loss_type_trains(name, model, tokenizer, dataset, tmp_path):
+    config = ALL_PLUGIN_CONFIGS[name]
+    trainer = RefPOTrainer(
+        model=model, args=tiny_args(tmp_path, max_steps=16, learning_rate=3e-3, **config),
+        train_dataset=dataset.select(range(4)), processing_class=tokenizer,
+    )
+    trainer.train()
+    logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 16 and all(math.isfinite(value) for value in logged)
+    assert sum(logged[-3:]) / 3 < sum(logged[:3]) / 3 - 0.02, logged
+    accuracies = [entry["logps/accuracies"] for entry in trainer.state.log_history if "logps/accuracies" in entry]
+    assert accuracies[-1] >= accuracies[0]
+
+
+@pytest.mark.parametrize("loss_type", ["simpo", "probability"])
+def test_reference_free_types_load_no_reference(loss_type, model, tokenizer, dataset, tmp_path):
+    trainer = RefPOTrainer(model=model, args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
+                           processing_class=tokenizer)
+    assert trainer.ref_model is None
+    assert trainer.args.precompute_ref_log_probs is False
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
+                               args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
+                               processing_class=tokenizer)
+    assert trainer.ref_model is None
+    assert any("reference-free" in str(w.message) for w in caught)
+
+
+def test_reference_types_copy_in_memory_policy(model, tokenizer, dataset, tmp_path):
+    trainer = RefPOTrainer(model=model, args=tiny_args(tmp_path, loss_type="alpha_dpo"), train_dataset=dataset,
+                           processing_class=tokenizer)
+    assert trainer.ref_model is not None and trainer.ref_model is not trainer.model
+    for p, q in zip(trainer.model.parameters(), trainer.ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def run_alpha_dpo(tmp_path, tokenizer, dataset, max_steps, resume=False, save_steps=None):
+    args = tiny_args(tmp_path, loss_type="alpha_dpo", beta=2.5, max_steps=max_steps, save_strategy="steps",
+                     save_steps=save_steps or max_steps, per_device_train_batch_size=2)
+    trainer = RefPOTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=resume or None)
+    return trainer
+
+
+def test_alpha_dpo_moments_survive_resume(tokenizer, dataset, tmp_path):
+    straight = run_alpha_dpo(tmp_path / "straight", tokenizer, dataset, max_steps=6)
+    run_alpha_dpo(tmp_path / "resumed", tokenizer, dataset, max_steps=6, save_steps=3)
+    # Throw away the final state, then resume from the step-3 checkpoint with a fresh trainer.
+    import shutil
+
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-6")
+    resumed = run_alpha_dpo(tmp_path / "resumed", tokenizer, dataset, max_steps=6, resume=True)
+    ours, theirs = resumed.objectives[0].controller, straight.objectives[0].controller
+    assert ours.mu != 0.0 and ours.sigma != 0.0
+    assert ours.mu == pytest.approx(theirs.mu, rel=1e-5)
+    assert ours.sigma == pytest.approx(theirs.sigma, rel=1e-5)
+
+
+def test_alpha_dpo_single_pair_batches_are_finite(model, tokenizer, dataset, tmp_path):
+    trainer = RefPOTrainer(
+        model=model, args=tiny_args(tmp_path, loss_type="alpha_dpo", per_device_train_batch_size=1, max_steps=3),
+        train_dataset=dataset, processing_class=tokenizer,
+    )
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(value) for value in losses)
+    assert trainer.objectives[0].controller.sigma == 0.0  # std of one value is undefined: σ never updated
+
+
+def test_evaluation_does_not_move_controllers(model, tokenizer, dataset, tmp_path):
+    trainer = RefPOTrainer(
+        model=model, args=tiny_args(tmp_path, loss_type=["alpha_dpo", "beta_dpo"], loss_weights=[1.0, 1.0]),
+        train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
+    )
+    before = copy.deepcopy(trainer.controller_state())
+    metrics = trainer.evaluate()
+    assert trainer.controller_state() == before
+    assert "eval_logps/accuracies" in metrics and "eval_alpha_dpo/margin_mean" in metrics
