@@ -436,6 +436,24 @@ def test_precompute_cache_hit_runs_no_reference_forward_and_any_key_change_resco
         assert len(os.listdir(tmp_path / "cache")) == number, change
 
 
+def test_cache_key_depends_on_the_scored_content_not_on_datasets_fingerprints():
+    from trl_refpo.ref_cache import dataset_fingerprint
+
+    rows = [{"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]}] * 3
+    one = Dataset.from_list(rows).map(lambda row: row, new_fingerprint="a" * 16)
+    other = Dataset.from_list(rows).map(lambda row: row, new_fingerprint="b" * 16)
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    assert dataset_fingerprint(one, columns) == dataset_fingerprint(other, columns)
+    changed = Dataset.from_list(rows[:2] + [{"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [6]}])
+    assert dataset_fingerprint(changed, columns) != dataset_fingerprint(one, columns)
+    assert dataset_fingerprint(one.select([2, 1, 0]), columns) == dataset_fingerprint(one, columns)  # same rows
+    assert dataset_fingerprint(one.select([0, 1]), columns) != dataset_fingerprint(one, columns)
+    mixed = Dataset.from_list(rows[:2] + [{"prompt_ids": [9], "chosen_ids": [8], "rejected_ids": [7, 6, 5]}])
+    tail = Dataset.from_list(rows[1:2] + [{"prompt_ids": [9], "chosen_ids": [8], "rejected_ids": [7, 6, 5]}])
+    assert dataset_fingerprint(mixed.select([1, 2]), columns) == dataset_fingerprint(tail, columns)  # sliced
+    assert dataset_fingerprint(mixed.select([2, 1]), columns) != dataset_fingerprint(tail, columns)  # order counts
+
+
 def test_precompute_initial_policy_matches_trl(tmp_path, policy, policy_tokenizer):
     raw = toy_preference_dataset(8, seed=6)
     trainer = make_trainer(tmp_path, policy, policy_tokenizer, raw, config={"precompute_ref_log_probs": True})

@@ -107,6 +107,8 @@ def dataset_fingerprint(dataset: Dataset, columns: list[str]) -> str:
     digest = hashlib.sha256()
     digest.update(json.dumps(columns).encode())
     for table in dataset.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
+        # Canonical bytes: no schema metadata (it holds the `datasets` fingerprint, which need not be stable), one chunk.
+        table = table.replace_schema_metadata(None).combine_chunks()
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)

@@ -31,6 +31,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
+from .offline_models import resolve_model_path
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text_reference import TextReference
 
@@ -84,7 +85,7 @@ def setup_reference(
         raise ValueError("Both a `ref_tokenizer` instance and `ref_tokenizer_name_or_path` were given; pass only one.")
     if args.ref_tokenizer_name_or_path is not None:
         ref_tokenizer = AutoTokenizer.from_pretrained(
-            args.ref_tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
+            resolve_model_path(args.ref_tokenizer_name_or_path), trust_remote_code=args.trust_remote_code
         )
     if ref_tokenizer is not None and ref_model is None:
         raise ValueError(
@@ -212,7 +213,7 @@ def _load_reference_model(args, model):
         kwargs.setdefault("dtype", model.dtype)
     elif args.model_init_kwargs and "dtype" in args.model_init_kwargs:
         kwargs.setdefault("dtype", args.model_init_kwargs["dtype"])
-    return create_model_from_path(args.ref_model_name_or_path, **kwargs)
+    return create_model_from_path(resolve_model_path(args.ref_model_name_or_path), **kwargs)
 
 
 def _known_tokenizer(ref_model):

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 
+from datasets import Dataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
 from .data import REF_ID_COLUMNS
@@ -84,7 +85,7 @@ class TextReference(ModelReference):
             "truncation_mode": args.truncation_mode,
         }
         map_kwargs = {}
-        if hasattr(dataset, "_fingerprint"):  # map-style Dataset (IterableDataset.map has no num_proc / desc)
+        if isinstance(dataset, Dataset):  # IterableDataset.map has no num_proc / desc
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset for the reference"}
         return dataset.map(reference_columns, batched=True, fn_kwargs=fn_kwargs, **map_kwargs)
 
