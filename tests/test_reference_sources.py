@@ -7,9 +7,14 @@ Two in-code tokenizers: ``tiny_tokenizer`` (WordLevel, whitespace, no BOS) for t
 from __future__ import annotations
 
 import copy
+import importlib.util
+import json
 import logging
 import math
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -556,3 +561,40 @@ def test_bad_input_errors(tmp_path, policy, policy_tokenizer, ref_model, ref_tok
     for message, overrides in config_errors.items():
         with pytest.raises(ValueError, match=message):
             make_args(tmp_path, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None or not (TESTS / "deepspeed_launcher.py").exists(),
+    reason="needs DeepSpeed (pip install 'trl-refpo[deepspeed]') and tests/deepspeed_launcher.py",
+)
+def test_reference_sources_under_zero3_two_processes(tmp_path, ref_model, ref_tokenizer):
+    """A plugin-owned cross-tokenizer reference is sharded by TRL's prepare_deepspeed; online and precomputed
+    agree; supplied columns reach the loss unchanged in float32 with no reference model."""
+    ref_model.save_pretrained(tmp_path / "ref")
+    ref_tokenizer.save_pretrained(tmp_path / "ref")
+    root = TESTS.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(root / "examples" / "accelerate_configs" / "zero3.yaml"),
+        "--num_processes", "2", "--main_process_port", "29531",
+        str(TESTS / "zero3_reference_sources.py"), str(tmp_path), str(tmp_path / "ref"),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert ranks[0]["cross_online"]["losses"] == ranks[1]["cross_online"]["losses"]
+    online, precomputed, supplied = (ranks[0][case] for case in ("cross_online", "cross_precomputed", "supplied"))
+    assert online["world_size"] == 2 and online["ref_model"] == "DeepSpeedEngine"
+    assert precomputed["ref_chosen"] == pytest.approx(online["ref_chosen"], abs=1e-4)
+    assert precomputed["losses"] == pytest.approx(online["losses"], abs=1e-5)
+    assert supplied["ref_model"] is None
+    supplied_values = torch.tensor([-1.23456789 - index for index in range(16)]).tolist()
+    for rank in ranks:
+        for dtype, values in rank["supplied"]["seen"]:
+            assert dtype == "torch.float32" and set(values) <= set(supplied_values)
