@@ -22,6 +22,7 @@ from trl import DPOTrainer as _TRLDPOTrainer
 
 from .config import RefPOConfig
 from .data import FLOAT_COLUMNS, RefPODataCollator
+from .diagnostics import logp_gradient_metrics
 from .objectives import PairBatch, StepContext, build_objectives
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource, completion_logps
 
@@ -88,6 +89,7 @@ class RefPOTrainer(_TRLDPOTrainer):
         self.extra_completion_columns = tuple(
             column for objective in self.objectives for column in objective.extra_completion_columns()
         )
+        given_ref_model = ref_model  # TYPO may sample from it before training even when it is not kept
         ref_model = self._resolve_ref_model(model, ref_model, args, peft_config)
 
         with self._trl_reference_loading_skipped(args):
@@ -114,6 +116,8 @@ class RefPOTrainer(_TRLDPOTrainer):
                 pad_to_multiple_of=trl_collator.pad_to_multiple_of,
                 extra_completion_keys=self.extra_completion_columns,
             )
+        if self.uses_pipeline:
+            self._prepare_datasets_with_reference(given_ref_model)
         self.add_callback(_ControllerCallback(self))
         self._captured_policy_logps = None
         if not self.uses_pipeline:
@@ -130,7 +134,9 @@ class RefPOTrainer(_TRLDPOTrainer):
 
     def _resolve_ref_model(self, model, ref_model, args: RefPOConfig, peft_config):
         if not self.reference_source.needs_model:
-            if ref_model is not None and not args.needs_reference:
+            if ref_model is not None and not args.needs_reference and not any(
+                objective.samples_from_reference for objective in self.objectives
+            ):
                 warnings.warn(
                     f"loss_type {args.loss_type} is reference-free: the ref_model you passed is not used and not "
                     "prepared.",
@@ -168,6 +174,23 @@ class RefPOTrainer(_TRLDPOTrainer):
             for component in (self.reference_source, *self.objectives):
                 dataset = component.prepare_dataset(dataset, processing_class, args, dataset_name)
         return dataset
+
+    def _prepare_datasets_with_reference(self, given_ref_model):
+        """Let objectives add what only the initial weights can give (TYPO's reference samples), before training."""
+        reference_model = given_ref_model if given_ref_model is not None else self.model  # not trained yet
+        for objective in self.objectives:
+            self.train_dataset = objective.prepare_dataset_with_reference(
+                self.train_dataset, "train", self, reference_model
+            )
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: objective.prepare_dataset_with_reference(dataset, name, self, reference_model)
+                    for name, dataset in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = objective.prepare_dataset_with_reference(
+                    self.eval_dataset, "eval", self, reference_model
+                )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -250,6 +273,11 @@ class RefPOTrainer(_TRLDPOTrainer):
             loss = loss + weight * result.losses.mean()
             results.append(result)
         self._log_pipeline_metrics(mode, pairs, results, outputs, shift_mask, inputs)
+        if ctx.training and torch.is_tensor(loss) and loss.requires_grad:  # 3D-properties, from this forward's graph
+            for name, value in logp_gradient_metrics(
+                loss, per_token_logps, shift_mask, num_pairs, self.accelerator.gather
+            ).items():
+                self._metrics[mode][name].append(value)
         return loss
 
     def _num_pairs(self, inputs) -> int:
