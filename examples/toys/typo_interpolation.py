@@ -42,7 +42,12 @@ def main():
         for lam in toys.SWEEP_LAMBDAS:
             policy = sweep.policy(method, lam)[0]
             to_ref = (policy - sweep.pi_ref[0]).abs().max().item()
-            print(f"  {method:5s} λ = {lam:<7g} π_θ = ({', '.join(f'{p:.3f}' for p in policy.tolist())})  to π_ref {to_ref:.3f}")
+            theory = {"typo": toys.typo_population_optimum, "dpo": toys.dpo_population_optimum}.get(method)
+            optimum = "" if theory is None else "  optimum (" + ", ".join(
+                f"{p:.3f}" for p in theory(toys.INTERPOLATION_PI_STAR, toys.INTERPOLATION_PI_REF, lam)[0].tolist()
+            ) + ")"
+            print(f"  {method:5s} λ = {lam:<7g} π_θ = ({', '.join(f'{p:.3f}' for p in policy.tolist())})  "
+                  f"to π_ref {to_ref:.3f}{optimum}")
 
     figure, axes = plt.subplots(2, 3, figsize=(14, 8))
     colors = ["tab:blue", "tab:orange", "tab:green"]
