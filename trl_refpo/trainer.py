@@ -134,15 +134,14 @@ class RefPOTrainer(_TRLDPOTrainer):
 
     def _resolve_ref_model(self, model, ref_model, args: RefPOConfig, peft_config):
         if not self.reference_source.needs_model:
-            if ref_model is not None and not args.needs_reference and not any(
-                objective.samples_from_reference for objective in self.objectives
-            ):
-                warnings.warn(
-                    f"loss_type {args.loss_type} is reference-free: the ref_model you passed is not used and not "
-                    "prepared.",
-                    stacklevel=3,
-                )
-                return None
+            if ref_model is not None and not args.needs_reference:
+                if not any(objective.samples_from_reference for objective in self.objectives):
+                    warnings.warn(
+                        f"loss_type {args.loss_type} is reference-free: the ref_model you passed is not used and not "
+                        "prepared.",
+                        stacklevel=3,
+                    )
+                return None  # an objective that samples from it gets it before training, then it is dropped
             return ref_model
         # TRL reloads the initial policy from `config._name_or_path`; an in-memory policy (built from a config,
         # or edited after loading) has no such path, so its initial weights are copied instead.
