@@ -174,7 +174,7 @@ def test_generated_completions_come_from_the_reference_and_are_cached(tokenizer,
     cache = str(tmp_path / "cache")
     first = build(tiny_llama(tokenizer, seed=0), tokenizer, dataset, tmp_path / "a", eval_dataset=eval_dataset,
                   typo_generation_cache_dir=cache, **GENERATION)
-    assert first.objectives[0].cache_hits == {"train": False, "eval": False}
+    assert first.objectives[0].completions.cache_hits == {"train": False, "eval": False}
     reference = tiny_llama(tokenizer, seed=0)
     for row in first.train_dataset:
         # top_k = 1 makes sampling deterministic: each completion is the reference's greedy continuation
@@ -185,14 +185,14 @@ def test_generated_completions_come_from_the_reference_and_are_cached(tokenizer,
     again = tiny_llama(tokenizer, seed=0)
     again.generate = lambda *a, **k: pytest.fail("a cache hit must not generate")
     second = build(again, tokenizer, dataset, tmp_path / "b", typo_generation_cache_dir=cache, **GENERATION)
-    assert second.objectives[0].cache_hits == {"train": True}
+    assert second.objectives[0].completions.cache_hits == {"train": True}
     assert second.train_dataset["ref_completion_ids"] == first.train_dataset["ref_completion_ids"]
     second.train()
     assert second.state.global_step == 4
 
     changed = build(tiny_llama(tokenizer, seed=0), tokenizer, dataset, tmp_path / "c", typo_generation_cache_dir=cache,
                     **{**GENERATION, "typo_generation_top_p": 0.5})
-    assert changed.objectives[0].cache_hits == {"train": False}  # the sampling settings are part of the key
+    assert changed.objectives[0].completions.cache_hits == {"train": False}  # the sampling settings are part of the key
 
 
 def test_generation_samples_from_the_given_ref_model(tokenizer, tmp_path):

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
-import pandas as pd
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
@@ -91,8 +90,8 @@ def logp_gradient_metrics(loss, per_token_logps, completion_mask, num_pairs, gat
 class TokenAnalysis:
     """Result of :func:`token_level_analysis`."""
 
-    table: pd.DataFrame  # one row per vocabulary token occurring in the completions, most down-weighted first
-    top_downweighted: pd.DataFrame  # the ``top_k`` most down-weighted tokens with count ≥ ``min_count``
+    table: pandas.DataFrame  # one row per vocabulary token occurring in the completions, most down-weighted first
+    top_downweighted: pandas.DataFrame  # the ``top_k`` most down-weighted tokens with count ≥ ``min_count``
     eos: dict[str, float]  # EOS statistics (Reference Policies Fig. 3)
     figure_path: str | None = None
     num_examples: int = 0
@@ -192,10 +191,12 @@ def token_level_analysis(
     finally:
         model.train(was_training)
 
+    import pandas  # imported here: the trainer imports this module for the gradient metrics only
+
     occurring = totals[0] > 0
     ids = occurring.nonzero().flatten()
     counts = totals[0, ids]
-    table = pd.DataFrame(
+    table = pandas.DataFrame(
         {
             "token_id": ids.numpy(),
             "token": _token_strings(tokenizer, ids.tolist()),
@@ -277,6 +278,19 @@ def save_token_analysis_figure(result: TokenAnalysis, path: str, min_count: int 
     return path
 
 
+def frozen_copy(model):
+    """A frozen deep copy that computes with its own weights.
+
+    TRL's fused LM head replaces ``model.forward`` by a closure over the ORIGINAL model's forward, which a
+    deepcopy keeps: the copy would silently run the original's (training) weights. Instance-level
+    ``forward`` overrides are dropped, so the copy runs its class's forward on its own parameters.
+    """
+    snapshot = copy.deepcopy(model)
+    for module in snapshot.modules():
+        module.__dict__.pop("forward", None)
+    return snapshot.eval().requires_grad_(False)
+
+
 class TokenLevelAnalysisCallback(TrainerCallback):
     """Runs :func:`token_level_analysis` at every evaluation.
 
@@ -315,7 +329,7 @@ class TokenLevelAnalysisCallback(TrainerCallback):
 
     def _snapshot_initial_policy(self, model) -> None:
         if self.ref_model is None and not hasattr(model, "disable_adapter"):
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+            self.ref_model = frozen_copy(model)
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None and state.global_step == 0:

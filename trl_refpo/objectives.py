@@ -260,10 +260,9 @@ class BetaDPO(Objective):
 class Typo(Objective):
     """TYPO (ALGORITHMS.md §5): ``softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``, ``y_ref`` sampled from the reference.
 
-    ``y_ref`` comes from the text column ``typo_ref_completion_column`` (tokenised after the prompt like
-    chosen/rejected) or, when that column is missing and ``typo_generate_ref_completions`` is set, is sampled
-    once from the reference model before training and cached on disk. Its tokens are extra rows of the same
-    policy forward; no reference log-probs are needed, so no reference model is kept during training.
+    ``y_ref`` comes from the column ``typo_ref_completion_column`` or is sampled once from the reference
+    before training (:class:`~trl_refpo.ref_completions.ReferenceCompletions`). Its tokens are extra rows of
+    the same policy forward; no reference log-probs are needed, so no reference model is kept in training.
     """
 
     name = "typo"
@@ -271,57 +270,20 @@ class Typo(Objective):
 
     def __init__(self, args):
         super().__init__(args)
-        self.column = args.typo_ref_completion_column
-        self.samples_from_reference = args.typo_generate_ref_completions
-        self._pending: set[str] = set()  # datasets whose completions are generated before training
-        self._trainer_built = False
-        self.cache_hits: dict[str, bool] = {}  # dataset name -> whether the generated completions came from the cache
+        self.completions = ref_completions.ReferenceCompletions(args)
+        self.samples_from_reference = self.completions.generate
 
     def extra_completion_columns(self):
-        return (ref_completions.ids_column(self.column),)
+        return (self.completions.ids_column,)
 
     def prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        if ref_completions.has_column(dataset, ref_completions.ids_column(self.column)):
-            return dataset
-        if ref_completions.has_column(dataset, self.column):
-            return ref_completions.tokenize_completion_column(
-                dataset, processing_class, self.column, dataset_name, num_proc=args.dataset_num_proc
-            )
-        if not self.samples_from_reference:
-            raise ValueError(
-                f"loss_type 'typo' needs a completion sampled from the reference policy for every prompt, but the "
-                f"{dataset_name} dataset has no column {self.column!r} (typo_ref_completion_column). Add that column "
-                "(plain text or a list of messages, like 'chosen'), or set typo_generate_ref_completions=True to "
-                "sample one per prompt from the reference model before training."
-            )
-        if self._trainer_built:
-            raise ValueError(
-                f"The {dataset_name} dataset has no column {self.column!r}, and reference completions can only be "
-                "generated while the trainer is built, before training changes the weights. Add the column, or pass "
-                "this dataset as eval_dataset to the trainer's constructor."
-            )
-        self._pending.add(dataset_name)
-        return dataset
+        return self.completions.prepare_dataset(dataset, processing_class, args, dataset_name)
 
     def prepare_dataset_with_reference(self, dataset, dataset_name, trainer, reference_model):
-        self._trainer_built = True
-        if dataset_name not in self._pending:
-            return dataset
-        if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
-            raise ValueError(
-                f"Column {self.column!r} is missing and reference completions cannot be generated under DeepSpeed "
-                "ZeRO-3 (sharded weights). Generate them once without ZeRO-3 (same cache directory) or add the column."
-            )
-        args = self.args
-        dataset, self.cache_hits[dataset_name] = ref_completions.generate_completions_cached(
-            dataset, reference_model, trainer.processing_class, ref_completions.SamplingSettings.from_args(args),
-            self.column, args.typo_generation_cache_dir, trainer.accelerator, dataset_name,
-            batch_size=args.typo_generation_batch_size or args.per_device_eval_batch_size,
-        )
-        return dataset
+        return self.completions.prepare_dataset_with_reference(dataset, dataset_name, trainer, reference_model)
 
     def __call__(self, pairs, ctx):
-        ref_sample_logps = pairs.extra_logps[ref_completions.ids_column(self.column)]
+        ref_sample_logps = pairs.extra_logps[self.completions.ids_column]
         per_pair = losses.typo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_sample_logps, self.args.typo_lambda)
         metrics = {"typo/ref_completion_logps": float(ctx.gather(ref_sample_logps.detach()).mean())}
         # The supervised term is Bradley–Terry on lp_θ itself: the policy log-probs are TYPO's implicit rewards.

@@ -44,6 +44,66 @@ def has_column(dataset, column: str) -> bool:
     return column in names
 
 
+class ReferenceCompletions:
+    """The reference-completion column of the ``typo_*`` fields, through the trainer's two dataset hooks.
+
+    ``prepare_dataset`` (inside TRL's dataset preparation): tokenise the text column, or — when it is
+    missing and ``typo_generate_ref_completions`` is set — note the dataset for generation (else raise).
+    ``prepare_dataset_with_reference`` (end of the trainer's construction, weights still initial): sample
+    the noted datasets' completions from the reference, or load them from the cache. A dataset without the
+    column that arrives later (``evaluate(eval_dataset=...)``) is an error: the initial weights are gone.
+    """
+
+    def __init__(self, args):
+        self.args = args
+        self.column = args.typo_ref_completion_column
+        self.ids_column = ids_column(self.column)
+        self.generate = args.typo_generate_ref_completions
+        self.cache_hits: dict[str, bool] = {}  # dataset name -> whether its generated completions came from the cache
+        self._pending: set[str] = set()
+        self._trainer_built = False
+
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        if has_column(dataset, self.ids_column):
+            return dataset
+        if has_column(dataset, self.column):
+            return tokenize_completion_column(
+                dataset, processing_class, self.column, dataset_name, num_proc=args.dataset_num_proc
+            )
+        if not self.generate:
+            raise ValueError(
+                f"loss_type 'typo' needs a completion sampled from the reference policy for every prompt, but the "
+                f"{dataset_name} dataset has no column {self.column!r} (typo_ref_completion_column). Add that column "
+                "(plain text or a list of messages, like 'chosen'), or set typo_generate_ref_completions=True to "
+                "sample one per prompt from the reference model before training."
+            )
+        if self._trainer_built:
+            raise ValueError(
+                f"The {dataset_name} dataset has no column {self.column!r}, and reference completions can only be "
+                "generated while the trainer is built, before training changes the weights. Add the column, or pass "
+                "this dataset as eval_dataset to the trainer's constructor."
+            )
+        self._pending.add(dataset_name)
+        return dataset
+
+    def prepare_dataset_with_reference(self, dataset, dataset_name, trainer, reference_model):
+        self._trainer_built = True
+        if dataset_name not in self._pending:
+            return dataset
+        if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+            raise ValueError(
+                f"Column {self.column!r} is missing and reference completions cannot be generated under DeepSpeed "
+                "ZeRO-3 (sharded weights). Generate them once without ZeRO-3 (same cache directory) or add the column."
+            )
+        args = self.args
+        dataset, self.cache_hits[dataset_name] = generate_completions_cached(
+            dataset, reference_model, trainer.processing_class, SamplingSettings.from_args(args), self.column,
+            args.typo_generation_cache_dir, trainer.accelerator, dataset_name,
+            batch_size=args.typo_generation_batch_size or args.per_device_eval_batch_size,
+        )
+        return dataset
+
+
 # --------------------------------------------------------------------------------------------------- tokenisation
 def tokenize_completion_column(dataset, processing_class, column: str, dataset_name: str, num_proc: int | None = None):
     """Add ``<column>_ids``: the completion's tokens after the example's ``prompt_ids``.
