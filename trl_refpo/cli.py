@@ -65,7 +65,7 @@ from .config import RefPOConfig
 from .objectives import OBJECTIVES
 from .offline_models import OfflineModelUnavailable, resolve_model_path
 from .trainer import RefPOTrainer
-from .trl_losses import TRL_LOSS_TYPES
+
 
 PROG = "trl-refpo dpo"
 DEEPSPEED_INSTALL = 'pip install "trl-refpo[deepspeed]"'

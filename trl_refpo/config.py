@@ -41,6 +41,17 @@ class RefPOConfig(_TRLDPOConfig):
         ref_logps_cache_dir (`str`, *optional*): with ``precompute_ref_log_probs``, a folder where precomputed
             reference log-probs are stored and reloaded, keyed by data, reference weights and tokenizer, prompt
             mode and truncation.
+        typo_lambda (`float`, defaults to 0.05): TYPO's weight λ of the NLL of the reference completion.
+        typo_ref_completion_column (`str`, defaults to ``"ref_completion"``): TYPO's column of completions sampled
+            from the reference policy (plain text or a list of messages, like ``chosen``).
+        typo_generate_ref_completions (`bool`, defaults to False): if that column is missing, sample one completion
+            per prompt from the reference model before training (cached on disk) instead of raising.
+        typo_generation_temperature / _top_k / _top_p / _max_new_tokens / _repetition_penalty: the sampling
+            settings (TYPO paper: 1.0, 60, 0.8, 256, 1.1).
+        typo_generation_batch_size (`int`, *optional*): prompts per ``generate`` call; default
+            ``per_device_eval_batch_size``.
+        typo_generation_cache_dir (`str`, *optional*): where generated completions are cached; default
+            ``<HF datasets cache>/trl_refpo/reference_completions``.
     """
 
     _VALID_DICT_FIELDS = _TRLDPOConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
@@ -52,6 +63,24 @@ class RefPOConfig(_TRLDPOConfig):
     ln: bool = field(default=True, metadata={"help": "SimPO/α-DPO: length-normalise log-probs."})
     beta_dpo_alpha: float = field(default=0.5, metadata={"help": "β-DPO: sensitivity of β to the reward gap."})
     beta_dpo_momentum: float = field(default=0.9, metadata={"help": "β-DPO: momentum of the reward-gap baseline."})
+    typo_lambda: float = field(default=0.05, metadata={"help": "TYPO: weight λ of the reference-completion NLL."})
+    typo_ref_completion_column: str = field(
+        default="ref_completion", metadata={"help": "TYPO: column of completions sampled from the reference."}
+    )
+    typo_generate_ref_completions: bool = field(
+        default=False, metadata={"help": "TYPO: sample the missing reference completions before training."}
+    )
+    typo_generation_temperature: float = field(default=1.0, metadata={"help": "TYPO sampling temperature."})
+    typo_generation_top_k: int = field(default=60, metadata={"help": "TYPO sampling top-k (0 disables)."})
+    typo_generation_top_p: float = field(default=0.8, metadata={"help": "TYPO sampling top-p."})
+    typo_generation_max_new_tokens: int = field(default=256, metadata={"help": "TYPO sampling max new tokens."})
+    typo_generation_repetition_penalty: float = field(default=1.1, metadata={"help": "TYPO repetition penalty."})
+    typo_generation_batch_size: int | None = field(
+        default=None, metadata={"help": "TYPO: prompts per generate call (default per_device_eval_batch_size)."}
+    )
+    typo_generation_cache_dir: str | None = field(
+        default=None, metadata={"help": "TYPO: cache directory of generated reference completions."}
+    )
 
     # ---- reference sources (trl_refpo.reference_setup) ----
     ref_model_name_or_path: str | None = field(
@@ -129,6 +158,8 @@ class RefPOConfig(_TRLDPOConfig):
                     f"{bad} apply only to TRL's own loss types, but loss_type contains {self.plugin_loss_types}. "
                     "Unset them, or use TRL's loss types alone."
                 )
+        if "typo" in self.loss_type:
+            self._validate_typo()
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3).")
         self._validate_reference_source()
@@ -177,3 +208,33 @@ class RefPOConfig(_TRLDPOConfig):
                 "sync_ref_model=True copies the policy's weights into the reference, which a reference with a "
                 "different tokenizer (ref_tokenizer_name_or_path) cannot take. Set sync_ref_model=False."
             )
+    def _validate_typo(self) -> None:
+        from .ref_completions import RESERVED_COLUMNS, ids_column
+
+        if self.typo_lambda < 0:
+            raise ValueError(f"typo_lambda must be >= 0, got {self.typo_lambda}.")
+        column = self.typo_ref_completion_column
+        taken = [*RESERVED_COLUMNS, "prompt_ids", "chosen_ids", "rejected_ids"]
+        if not column or column in taken or ids_column(column) in taken:
+            raise ValueError(
+                f"typo_ref_completion_column={column!r} clashes with a column TRL uses ({taken}). Rename the column."
+            )
+        checks = {
+            "typo_generation_temperature": self.typo_generation_temperature > 0,
+            "typo_generation_top_k": self.typo_generation_top_k >= 0,
+            "typo_generation_top_p": 0 < self.typo_generation_top_p <= 1,
+            "typo_generation_max_new_tokens": self.typo_generation_max_new_tokens >= 1,
+            "typo_generation_repetition_penalty": self.typo_generation_repetition_penalty > 0,
+            "typo_generation_batch_size": self.typo_generation_batch_size is None or self.typo_generation_batch_size >= 1,
+        }
+        expected = {
+            "typo_generation_temperature": "> 0",
+            "typo_generation_top_k": ">= 0",
+            "typo_generation_top_p": "in (0, 1]",
+            "typo_generation_max_new_tokens": ">= 1",
+            "typo_generation_repetition_penalty": "> 0",
+            "typo_generation_batch_size": ">= 1 (or None)",
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{name} must be {expected[name]}, got {getattr(self, name)}.")

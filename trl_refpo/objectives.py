@@ -16,7 +16,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from . import losses
+from . import losses, ref_completions
 from .controllers import BetaDPOController, Controller, EpsilonBetaController, RunningMoments
 from .trl_losses import TRL_PAIR_LOSSES
 
@@ -68,6 +68,7 @@ class Objective:
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = True
     needs_perturbation: ClassVar[bool] = False  # ε-DPO: perturbed log-ratios from hidden states
+    samples_from_reference: bool = False  # uses the reference model before training (TYPO's generation)
     controller: Controller | None = None
 
     def __init__(self, args):
@@ -82,6 +83,14 @@ class Objective:
 
     def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
         """Add the columns this objective needs to TRL's tokenised dataset (default: none)."""
+        return dataset
+
+    def prepare_dataset_with_reference(self, dataset, dataset_name: str, trainer, reference_model):
+        """Complete a dataset with what only the reference model can give (TYPO: completions sampled from it).
+
+        Called once per dataset at the end of the trainer's construction, before any training step, with
+        ``reference_model`` = the ``ref_model`` passed to the trainer or else the (still untrained) policy.
+        """
         return dataset
 
     def __call__(self, pairs: PairBatch, ctx: StepContext) -> ObjectiveOutput:
@@ -245,8 +254,41 @@ class BetaDPO(Objective):
         return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta, beta), metrics)
 
 
+class Typo(Objective):
+    """TYPO (ALGORITHMS.md §5): ``softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``, ``y_ref`` sampled from the reference.
+
+    ``y_ref`` comes from the column ``typo_ref_completion_column`` or is sampled once from the reference
+    before training (:class:`~trl_refpo.ref_completions.ReferenceCompletions`). Its tokens are extra rows of
+    the same policy forward; no reference log-probs are needed, so no reference model is kept in training.
+    """
+
+    name = "typo"
+    needs_reference = False
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.completions = ref_completions.ReferenceCompletions(args)
+        self.samples_from_reference = self.completions.generate
+
+    def extra_completion_columns(self):
+        return (self.completions.ids_column,)
+
+    def prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        return self.completions.prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    def prepare_dataset_with_reference(self, dataset, dataset_name, trainer, reference_model):
+        return self.completions.prepare_dataset_with_reference(dataset, dataset_name, trainer, reference_model)
+
+    def __call__(self, pairs, ctx):
+        ref_sample_logps = pairs.extra_logps[self.completions.ids_column]
+        per_pair = losses.typo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_sample_logps, self.args.typo_lambda)
+        metrics = {"typo/ref_completion_logps": float(ctx.gather(ref_sample_logps.detach()).mean())}
+        # The supervised term is Bradley–Terry on lp_θ itself: the policy log-probs are TYPO's implicit rewards.
+        return ObjectiveOutput(per_pair, pairs.chosen_logps.detach(), pairs.rejected_logps.detach(), metrics)
+
+
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO)
+    cls.name: cls for cls in (FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO, Typo)
 }
 """trl-refpo's own loss types. Other modules register theirs with :func:`register_objective`."""
 

@@ -31,6 +31,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
+from .objectives import OBJECTIVES
 from .offline_models import resolve_model_path
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text_reference import TextReference
@@ -56,8 +57,9 @@ def setup_reference(
     model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
 ) -> ReferenceSetup:
     if not args.needs_reference:
+        samples_from_reference = any(OBJECTIVES[name].samples_from_reference for name in args.plugin_loss_types)
         for name, value in (("ref_model", ref_model), ("ref_tokenizer", ref_tokenizer)):
-            if value is not None:
+            if value is not None and not (name == "ref_model" and samples_from_reference):
                 warnings.warn(
                     f"loss_type {args.loss_type} is reference-free: the {name} you passed is not used and not prepared.",
                     stacklevel=3,

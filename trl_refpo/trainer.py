@@ -19,6 +19,7 @@ from trl import DPOTrainer as _TRLDPOTrainer
 
 from .config import RefPOConfig
 from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
+from .diagnostics import logp_gradient_metrics
 from .objectives import PairBatch, StepContext, build_objectives
 from .ref_cache import precompute_reference_logps
 from .reference import ColumnReference, completion_logps
@@ -83,6 +84,7 @@ class RefPOTrainer(_TRLDPOTrainer):
                 f"{type(args).__name__}. Replace `from trl import DPOConfig` with `from trl_refpo import DPOConfig`."
             )
         self.objectives = build_objectives(args)
+        given_ref_model = ref_model  # TYPO may sample from it before training even when it is not kept
         reference = setup_reference(
             model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
         )
@@ -122,6 +124,8 @@ class RefPOTrainer(_TRLDPOTrainer):
                 extra_completion_keys=self.extra_completion_columns,
                 ref_pad_token_id=self.reference_source.ref_pad_token_id,
             )
+        if self.uses_pipeline:
+            self._prepare_datasets_with_reference(given_ref_model)
         self.add_callback(_ControllerCallback(self))
         self._captured_policy_logps = None
         if not self.uses_pipeline:
@@ -153,6 +157,23 @@ class RefPOTrainer(_TRLDPOTrainer):
             for component in (self.ref_scoring_source, *self.objectives):
                 dataset = component.prepare_dataset(dataset, processing_class, args, dataset_name)
         return dataset
+
+    def _prepare_datasets_with_reference(self, given_ref_model):
+        """Let objectives add what only the initial weights can give (TYPO's reference samples), before training."""
+        reference_model = given_ref_model if given_ref_model is not None else self.model  # not trained yet
+        for objective in self.objectives:
+            self.train_dataset = objective.prepare_dataset_with_reference(
+                self.train_dataset, "train", self, reference_model
+            )
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {
+                    name: objective.prepare_dataset_with_reference(dataset, name, self, reference_model)
+                    for name, dataset in self.eval_dataset.items()
+                }
+            elif self.eval_dataset is not None:
+                self.eval_dataset = objective.prepare_dataset_with_reference(
+                    self.eval_dataset, "eval", self, reference_model
+                )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -241,6 +262,11 @@ class RefPOTrainer(_TRLDPOTrainer):
             loss = loss + weight * result.losses.mean()
             results.append(result)
         self._log_pipeline_metrics(mode, pairs, results, outputs, shift_mask, inputs)
+        if ctx.training and torch.is_tensor(loss) and loss.requires_grad:  # 3D-properties, from this forward's graph
+            for name, value in logp_gradient_metrics(
+                loss, per_token_logps, shift_mask, num_pairs, self.accelerator.gather
+            ).items():
+                self._metrics[mode][name].append(value)
         return loss
 
     def _num_pairs(self, inputs) -> int:
