@@ -1,0 +1,618 @@
+"""Writes the notebooks of this folder (without outputs) from the cell sources below.
+
+    python examples/notebooks/build_notebooks.py          # rewrite every .ipynb
+    python examples/notebooks/build_notebooks.py --check  # exit 1 if a committed notebook differs
+
+Edit the notebooks HERE, then regenerate: the .ipynb files are build products kept in git so that they open
+directly in Jupyter / on GitHub. ``tests/test_notebooks.py`` executes every notebook with small settings.
+
+Every notebook starts with a parameter cell (``MODEL``, ``MAX_STEPS``, ``OUTPUT_DIR``, ...). The defaults
+train tiny in-code models on the bundled toy task, offline, in well under a minute each on a CPU; put a
+real model there (``"offline:smollm2-135m-instruct"`` or a local folder) for real runs. The tests set
+``TRL_REFPO_NOTEBOOK_SMALL=1`` (a few steps) and ``TRL_REFPO_NOTEBOOK_OUTPUT_DIR`` (their own folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+
+def md(text: str):
+    return new_markdown_cell(textwrap.dedent(text).strip())
+
+
+def code(text: str):
+    return new_code_cell(textwrap.dedent(text).strip())
+
+
+def parameters(name: str, extra: str = "", small: str = "MAX_STEPS = 6") -> object:
+    """The parameter cell every notebook starts with."""
+    return code(
+        f'''
+        # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────
+        import os
+
+        MODEL = "tiny"         # "tiny": random Llama built in code (offline, seconds) |
+                               # "offline:smollm2-135m-instruct" | a local model folder
+        LEARNING_RATE = 2e-3   # for the tiny model; use ~5e-7 to 5e-6 for a real one
+        MAX_STEPS = 60
+        OUTPUT_DIR = "outputs/{name}"
+        {textwrap.indent(textwrap.dedent(extra).strip(), " " * 8).lstrip() if extra else ""}
+        # The tests run every notebook with a few steps (TRL_REFPO_NOTEBOOK_SMALL=1) and their own folders.
+        if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
+            {small}
+        MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)
+        OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
+        '''
+    )
+
+
+SETUP = '''
+    import copy
+    import logging
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from trl_refpo import DPOConfig, DPOTrainer
+    from trl_refpo.testing import toy_preference_dataset
+    from notebook_utils import cpu_config, load_model, logged, output_path
+'''
+
+# --------------------------------------------------------------------------------------------- 01 quickstart
+QUICKSTART = [
+    md(
+        """
+        # trl-refpo quickstart
+
+        `trl_refpo.DPOTrainer` / `trl_refpo.DPOConfig` are subclasses of TRL's classes: change one import
+        line of a TRL script and `loss_type` also accepts the objectives of recent papers on reference
+        policies and KL control (`alpha_dpo`, `simpo`, `flex_dpo`, `beta_dpo`, `epsilon_dpo`, `probability`,
+        `likelihood`, `typo`) next to every TRL loss type (`sigmoid`, `ipo`, `hinge`, `sft`, …).
+
+        This notebook trains the same tiny policy twice on a toy preference task — TRL's `sigmoid` (DPO) and
+        trl-refpo's `alpha_dpo` — and compares the loss and the two ranking accuracies the trainer logs:
+
+        * `rewards/accuracies`: the implicit reward `β·(log π_θ − log π_ref)` ranks the chosen answer first;
+        * `logps/accuracies`: the **policy itself** ranks it first, `log π_θ(y_w) > log π_θ(y_l)` (the
+          quantity of Table 2 of *Understanding Reference Policies in DPO*).
+        """
+    ),
+    parameters("quickstart", extra="NUM_TRAIN = 256", small="MAX_STEPS, NUM_TRAIN = 6, 64"),
+    code(
+        SETUP
+        + '''
+    model, tokenizer = load_model(MODEL)
+    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
+
+    # The toy task: sort / reverse / copy a few letters; `chosen` solves it, `rejected` does not.
+    train_dataset = toy_preference_dataset(NUM_TRAIN, seed=0)
+    eval_dataset = toy_preference_dataset(64, seed=1)
+    train_dataset[0]
+    '''
+    ),
+    md(
+        """
+        ## One function, any `loss_type`
+
+        `cpu_config` (in `notebook_utils.py`) holds the fields every notebook shares (CPU, a log entry per
+        step, no checkpoints). The loss-specific fields go straight into `DPOConfig`: `beta` for DPO;
+        `beta`, `alpha`, `gamma_beta_ratio`, `ln` for α-DPO. Every run starts from a copy of the same initial
+        policy, which is also the reference (TRL's default).
+        """
+    ),
+    code(
+        '''
+    def train(loss_type, **fields):
+        """Train a copy of the initial policy; return the trainer and the held-out metrics before / after."""
+        args = DPOConfig(
+            **cpu_config(os.path.join(OUTPUT_DIR, str(loss_type)), MAX_STEPS, learning_rate=LEARNING_RATE),
+            loss_type=loss_type, **fields,
+        )
+        trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer)
+        before = trainer.evaluate()
+        trainer.train()
+        return trainer, before, trainer.evaluate()
+
+
+    runs = {
+        "sigmoid": train("sigmoid", beta=0.1),                         # TRL's DPO, TRL's own code
+        "alpha_dpo": train("alpha_dpo", beta=2.5, alpha=0.2, gamma_beta_ratio=0.6, ln=True),
+    }
+    '''
+    ),
+    code(
+        '''
+    print("step " + "".join(f"{name:>12}" for name in runs))
+    steps, _ = logged(runs["sigmoid"][0], "loss")
+    losses = {name: logged(trainer, "loss")[1] for name, (trainer, _, _) in runs.items()}
+    for row, step in enumerate(steps):
+        print(f"{step:>4} " + "".join(f"{losses[name][row]:>12.4f}" for name in runs))
+
+    print("\\nheld-out accuracy          " + "".join(f"{name + ' before':>18}{'after':>8}" for name in runs))
+    for key in ["eval_rewards/accuracies", "eval_logps/accuracies"]:
+        print(f"{key:<27}" + "".join(f"{before[key]:>18.3f}{after[key]:>8.3f}" for _, before, after in runs.values()))
+    '''
+    ),
+    md(
+        """
+        Before training the policy *is* the reference: every implicit reward is 0, so `rewards/accuracies`
+        starts at 0 (ties are not counted), while `logps/accuracies` measures the initial policy.
+        """
+    ),
+    code(
+        '''
+    figure, axes = plt.subplots(1, 3, figsize=(15, 3.6))
+    for name, (trainer, _, _) in runs.items():
+        for axis, key in zip(axes, ["loss", "rewards/accuracies", "logps/accuracies"]):
+            axis.plot(*logged(trainer, key), label=name)
+            axis.set_title(key)
+            axis.set_xlabel("step")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(output_path(OUTPUT_DIR, "quickstart.png"))
+    '''
+    ),
+]
+
+# --------------------------------------------------------------------------------------------- 03 references
+REFERENCES = [
+    md(
+        """
+        # Reference policies: stronger, cross-tokenizer, prior, precomputed
+
+        *Understanding Reference Policies in Direct Preference Optimization* (Liu et al., 2024) asks which
+        reference DPO should pull towards. Its findings: a **stronger** reference helps when it is
+        compatible with the policy (and then its best β is larger), and the reference can even be the
+        **prior** `p(y)` of the completion without its prompt (the `likelihood` reward, Eq. 15).
+
+        trl-refpo takes the reference log-probs from one source, chosen at construction:
+
+        | you give | the reference is |
+        |---|---|
+        | nothing | the initial policy (TRL's default) |
+        | `ref_model=` or `ref_model_name_or_path` | another checkpoint with the **same** tokenizer |
+        | also `ref_tokenizer=` / `ref_tokenizer_name_or_path` | a checkpoint with a **different** tokenizer: it re-scores the original text |
+        | `ref_prompt="none"` (default of `loss_type="likelihood"`) | the prior: the completion scored without its prompt |
+        | dataset columns `ref_chosen_logps` / `ref_rejected_logps` | used as-is |
+
+        and `precompute_ref_log_probs=True` + `ref_logps_cache_dir` scores the dataset once and caches it.
+        """
+    ),
+    parameters(
+        "references",
+        extra="""
+        REF_MODEL = "tiny-bpe"   # the cross-tokenizer reference: "tiny-bpe" (a tiny Llama with a BPE tokenizer,
+                                 # trained below) | "offline:gemma3-270m" | a local model folder
+        SFT_STEPS = 40           # steps that make the "stronger" references (SFT on the chosen answers)
+        NUM_TRAIN = 256
+        """,
+        small="MAX_STEPS, SFT_STEPS, NUM_TRAIN = 4, 4, 32",
+    ),
+    code(
+        SETUP
+        + '''
+    model, tokenizer = load_model(MODEL)
+    train_dataset = toy_preference_dataset(NUM_TRAIN, seed=0)
+    eval_dataset = toy_preference_dataset(64, seed=1)
+
+
+    def train(name, loss_type="sigmoid", beta=0.1, steps=None, policy=None, policy_tokenizer=None, train_now=True,
+              **kwargs):
+        """A trainer on a copy of `policy` (default: the initial policy); trained unless `train_now=False`.
+        kwargs: DPOConfig fields, and the trainer's `ref_model=` / `ref_tokenizer=`."""
+        trainer_kwargs = {key: kwargs.pop(key) for key in ("ref_model", "ref_tokenizer") if key in kwargs}
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), steps or MAX_STEPS,
+                                      learning_rate=LEARNING_RATE), loss_type=loss_type, beta=beta, **kwargs)
+        trainer = DPOTrainer(model=copy.deepcopy(policy or model), args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=policy_tokenizer or tokenizer,
+                             **trainer_kwargs)
+        if train_now:
+            trainer.train()
+        return trainer
+
+
+    def report(name, trainer):
+        metrics = trainer.evaluate()
+        print(f"{name:<34} held-out rewards/accuracies {metrics['eval_rewards/accuracies']:.3f}  "
+              f"logps/accuracies {metrics['eval_logps/accuracies']:.3f}  "
+              f"lp_ref(chosen) {metrics.get('eval_logps/ref_chosen', float('nan')):8.3f}")
+        return metrics
+
+
+    results = {"initial policy": report("initial policy (reference)", train("initial", train_now=True))}
+    '''
+    ),
+    md(
+        """
+        ## 1. A stronger reference with the same tokenizer
+
+        We make a "stronger" model by fine-tuning the initial policy on the chosen answers (TRL's `sft` loss
+        type, through the same trainer), save it, and use it as the reference by path
+        (`ref_model_name_or_path`; an in-memory model works too: `DPOTrainer(..., ref_model=stronger)`).
+        The tokenizer saved with it is checked against the policy's. The paper's advice: with a stronger
+        compatible reference, a larger β works better — we train with β = 0.1 and β = 1.
+        """
+    ),
+    code(
+        '''
+    sft = train("sft_reference", loss_type="sft", steps=SFT_STEPS)
+    stronger_path = os.path.join(OUTPUT_DIR, "stronger_reference")
+    sft.save_model(stronger_path)
+
+    for beta in (0.1, 1.0):
+        name = f"stronger reference, beta={beta}"
+        results[name] = report(name, train(f"stronger_beta{beta}", beta=beta, ref_model_name_or_path=stronger_path))
+    '''
+    ),
+    md(
+        """
+        ## 2. A reference with a different tokenizer
+
+        A reference whose tokenizer differs cannot score the policy's token ids. Passing its tokenizer
+        (`ref_tokenizer=`, or `ref_tokenizer_name_or_path`) makes it re-score the **original text** of each
+        prompt and completion, tokenised its own way (its BOS, its EOS, its chat template for conversational
+        data); `lp_ref` sums its own completion tokens. Here the reference is a tiny Llama with a
+        character-BPE tokenizer (`trl_refpo.testing.tiny_bpe_tokenizer`), first fine-tuned on the chosen
+        answers with its own tokenizer.
+        """
+    ),
+    code(
+        '''
+    ref_model, ref_tokenizer = load_model(REF_MODEL, seed=1, parameter="REF_MODEL")
+    if REF_MODEL == "tiny-bpe":  # make the random BPE model a reference worth having
+        ref_model = train("bpe_sft", loss_type="sft", steps=SFT_STEPS, policy=ref_model,
+                          policy_tokenizer=ref_tokenizer).model
+
+    cross = train("cross_tokenizer", ref_model=ref_model, ref_tokenizer=ref_tokenizer, train_now=False)
+    example = cross.train_dataset[0]
+    print("source:", type(cross.reference_source).__name__)
+    print("policy    tokens:", tokenizer.convert_ids_to_tokens(example["prompt_ids"] + example["chosen_ids"]))
+    print("reference tokens:", ref_tokenizer.convert_ids_to_tokens(example["ref_prompt_ids"] + example["ref_chosen_ids"]))
+    cross.train()
+    results["cross-tokenizer reference"] = report("cross-tokenizer reference", cross)
+    '''
+    ),
+    md(
+        """
+        ## 3. The prior as reference
+
+        `loss_type="likelihood"` is DPO against the prior `p_ref(y)`: the reference scores each completion
+        with the prompt removed (Reference Policies Eq. 15; paper optimum β = 0.01). `ref_prompt="none"` gives
+        the same prior to any reference-based loss, with any of the references above.
+        """
+    ),
+    code(
+        '''
+    prior = train("likelihood", loss_type="likelihood", beta=0.01, train_now=False)
+    print("likelihood: ref_prompt =", prior.args.ref_prompt)
+    example = prior.train_dataset[0]
+    print("the reference scores:", tokenizer.convert_ids_to_tokens(example["ref_prompt_ids"] + example["ref_chosen_ids"]))
+    prior.train()
+    results["prior (likelihood, beta=0.01)"] = report("prior (likelihood, beta=0.01)", prior)
+    results["prior of the stronger reference"] = report(
+        "prior of the stronger reference",
+        train("stronger_prior", ref_model_name_or_path=stronger_path, ref_prompt="none"),
+    )
+    '''
+    ),
+    md(
+        """
+        ## 4. Precompute once, cache on disk
+
+        `precompute_ref_log_probs=True` scores the whole dataset with the chosen source before training and
+        stores `ref_chosen_logps` / `ref_rejected_logps` (float32) and the reference's token counts as
+        columns; `ref_logps_cache_dir` keeps them on disk, keyed by the scored tokens' content, the reference
+        weights and tokenizer, the prompt mode and the truncation settings. A second trainer with the same
+        key loads the file — no reference forward — and logs it.
+        """
+    ),
+    code(
+        '''
+    import time
+
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("trl_refpo").setLevel(logging.INFO)
+    cache_dir = os.path.join(OUTPUT_DIR, "ref_logps_cache")
+    times = []
+    for attempt in ("first", "second"):
+        start = time.perf_counter()
+        cached = train("precomputed", ref_model=ref_model, ref_tokenizer=ref_tokenizer, train_now=False,
+                       precompute_ref_log_probs=True, ref_logps_cache_dir=cache_dir)
+        times.append(time.perf_counter() - start)
+        print(f"{attempt} construction: {times[-1]:.2f}s; cache files: {sorted(os.listdir(cache_dir))}")
+    print(cached.train_dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths"])[:3])
+    cached.train()
+    results["cross-tokenizer, precomputed"] = report("cross-tokenizer, precomputed + cached", cached)
+    '''
+    ),
+    code(
+        '''
+    names = list(results)
+    figure, axis = plt.subplots(figsize=(10, 3.8))
+    positions = range(len(names))
+    for offset, key in ((-0.2, "eval_rewards/accuracies"), (0.2, "eval_logps/accuracies")):
+        axis.bar([p + offset for p in positions], [results[n][key] for n in names], width=0.4, label=key)
+    axis.set_xticks(list(positions), names, rotation=20, ha="right")
+    axis.set_ylabel("held-out accuracy")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(output_path(OUTPUT_DIR, "references.png"))
+    '''
+    ),
+]
+
+# --------------------------------------------------------------------------------------------- 04 alpha vs simpo
+ALPHA_SIMPO = [
+    md(
+        """
+        # α-DPO vs SimPO
+
+        **SimPO** drops the reference model and asks the length-normalised policy margin to exceed a fixed
+        target: with `u = ln π_θ(y_w) − ln π_θ(y_l)` (log-probs divided by the completion lengths),
+        `loss = −log σ(β·(u − γ/β))`.
+
+        **α-DPO** (Wu et al., 2024) makes the target adaptive: with the reference's normalised margin
+        `r = ln π_ref(y_w) − ln π_ref(y_l)` and `g = u − r`, it keeps running statistics `μ, σ` of `g`
+        (momentum 0.9, updated on every training batch) and uses
+
+        `margin = stopgrad(γ/β + α·(g − μ)/σ)`,  `loss = −log σ(β·(u − margin))`
+
+        (the authors' code; the paper's Eq. 12 places α outside the β factor). Pairs where the policy has
+        already moved far from the reference get a larger margin. `alpha = 0` is SimPO exactly.
+
+        Config fields: `beta` (authors: 2.5), `gamma_beta_ratio` (γ/β, 0.6), `alpha` (0.2), `ln` (length
+        normalisation, true). Metrics: `alpha_dpo/mu`, `alpha_dpo/sigma`, `alpha_dpo/margin_mean`.
+        """
+    ),
+    parameters("alpha_dpo_vs_simpo", extra="NUM_TRAIN = 256", small="MAX_STEPS, NUM_TRAIN = 6, 96"),
+    code(
+        SETUP
+        + '''
+    model, tokenizer = load_model(MODEL)
+    train_dataset = toy_preference_dataset(NUM_TRAIN, seed=0)
+    eval_dataset = toy_preference_dataset(64, seed=1)
+    SHARED = dict(beta=2.5, gamma_beta_ratio=0.6, ln=True)  # the same data, seed and β for every run
+
+
+    def train(name, loss_type, **fields):
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, learning_rate=LEARNING_RATE),
+                         loss_type=loss_type, **SHARED, **fields)
+        trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer)
+        trainer.train()
+        return trainer
+
+
+    runs = {
+        "simpo": train("simpo", "simpo"),
+        "alpha_dpo (alpha=0.2)": train("alpha_dpo", "alpha_dpo", alpha=0.2),
+        "alpha_dpo (alpha=0)": train("alpha_dpo_0", "alpha_dpo", alpha=0.0),
+    }
+    '''
+    ),
+    md(
+        """
+        With `alpha = 0` α-DPO must reproduce SimPO step for step (it still loads the reference, whose
+        margin then has no effect):
+        """
+    ),
+    code(
+        '''
+    simpo_loss = logged(runs["simpo"], "loss")[1]
+    alpha0_loss = logged(runs["alpha_dpo (alpha=0)"], "loss")[1]
+    print("largest loss difference, simpo vs alpha_dpo(alpha=0):", max(abs(a - b) for a, b in zip(simpo_loss, alpha0_loss)))
+    assert all(abs(a - b) < 1e-4 * max(1.0, abs(a)) for a, b in zip(simpo_loss, alpha0_loss))
+    '''
+    ),
+    code(
+        '''
+    alpha_run = runs["alpha_dpo (alpha=0.2)"]
+    figure, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for key in ("alpha_dpo/mu", "alpha_dpo/sigma"):
+        axes[0].plot(*logged(alpha_run, key), label=key)
+    axes[0].set_title("running statistics of g = u − r")
+    for name, trainer in runs.items():
+        if "alpha=0)" in name:
+            continue
+        axes[1].plot(*logged(trainer, "alpha_dpo/margin_mean"), label=name)
+        axes[2].plot(*logged(trainer, "rewards/margins"), label=name)
+        axes[3].plot(*logged(trainer, "logps/accuracies"), label=name)
+    axes[1].set_title("target margin (mean over the batch)")
+    axes[2].set_title("rewards/margins")
+    axes[3].set_title("logps/accuracies (train)")
+    for axis in axes:
+        axis.set_xlabel("step")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(output_path(OUTPUT_DIR, "alpha_dpo_vs_simpo.png"))
+    '''
+    ),
+    code(
+        '''
+    print(f"{'held-out':<24}{'loss':>8}{'rewards/acc':>13}{'logps/acc':>11}")
+    for name, trainer in runs.items():
+        metrics = trainer.evaluate()
+        print(f"{name:<24}{metrics['eval_loss']:>8.4f}{metrics['eval_rewards/accuracies']:>13.3f}"
+              f"{metrics['eval_logps/accuracies']:>11.3f}")
+    print("final running μ = {:.4f}, σ = {:.4f}".format(*(logged(alpha_run, key)[1][-1] for key in ("alpha_dpo/mu", "alpha_dpo/sigma"))))
+    '''
+    ),
+    md(
+        """
+        SimPO's target margin is the constant γ/β = 0.6; α-DPO's moves with the batch: its mean stays near γ/β
+        (z-scores average to about 0) while individual pairs get more or less. μ and σ are trainer state,
+        saved in every checkpoint (`trl_refpo_state.json`) and restored on resume.
+        """
+    ),
+]
+
+# --------------------------------------------------------------------------------------------- 05 diagnostics
+DIAGNOSTICS = [
+    md(
+        """
+        # Diagnostics from the papers
+
+        1. **Token-level log-probability difference** (*Understanding Reference Policies in DPO*, §4.3,
+           Fig. 1–3): after DPO, per vocabulary token, the mean of `log π_θ − log π_ref` over its occurrences
+           in the completions; the most down-weighted tokens; the EOS token's log-prob and its
+           chosen-minus-rejected difference. `trl_refpo.diagnostics.token_level_analysis`, and
+           `TokenLevelAnalysisCallback` to run it at every evaluation.
+        2. **Gradient magnitudes** (*3D-properties of DPO*, §3): per step, `|∂loss/∂lp(y_w)|`,
+           `|∂loss/∂lp(y_l)|` and their ratio, logged by the trainer as `grad/chosen_abs`,
+           `grad/rejected_abs`, `grad/ratio` for every trl-refpo loss type. Flex-DPO (`flex_dpo`, separate
+           `beta_chosen` β⁺ and `beta_rejected` β⁻) changes that ratio to β⁻/β⁺ at the start of training.
+        3. **Ranking accuracies**: `rewards/accuracies` (implicit reward) next to `logps/accuracies` (the
+           policy itself).
+        """
+    ),
+    parameters("diagnostics", extra="MIN_COUNT = 20   # occurrences a token needs to be listed (paper: 100)",
+               small="MAX_STEPS = 6"),
+    code(
+        SETUP
+        + '''
+    from IPython.display import Image, display
+
+    from trl_refpo.diagnostics import TokenLevelAnalysisCallback, token_level_analysis
+
+    model, tokenizer = load_model(MODEL)
+    train_dataset = toy_preference_dataset(256, seed=0)
+    eval_dataset = toy_preference_dataset(64, seed=1)
+    '''
+    ),
+    md(
+        """
+        ## Token-level analysis during and after DPO
+
+        The callback copies the initial policy when training starts (its reference) and analyses the
+        evaluation set at every evaluation: `<output_dir>/token_analysis/step-N.png` and `.csv`, plus
+        `eval_token/...` metrics.
+        """
+    ),
+    code(
+        '''
+    callback = TokenLevelAnalysisCallback(min_count=MIN_COUNT, max_examples=64)
+    args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, "dpo"), MAX_STEPS, learning_rate=LEARNING_RATE,
+                                  eval_strategy="steps", eval_steps=max(1, MAX_STEPS // 3)),
+                     loss_type="sigmoid", beta=0.1)
+    reference = copy.deepcopy(model)
+    dpo = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                     processing_class=tokenizer, callbacks=[callback])
+    dpo.train()
+    print("analyses at steps", [step for step, _ in callback.results])
+    print({key: round(value, 4) for key, value in dpo.state.log_history[-2].items() if "token/" in key})
+    '''
+    ),
+    code(
+        '''
+    analysis = token_level_analysis(dpo.model, reference, eval_dataset, tokenizer, min_count=MIN_COUNT, top_k=8,
+                                    figure_path=output_path(OUTPUT_DIR, "token_analysis.png"), title="after DPO")
+    print(f"{analysis.num_examples} examples, {len(analysis.table)} distinct completion tokens")
+    analysis.table.head(10)
+    '''
+    ),
+    code(
+        '''
+    print("most down-weighted tokens (count ≥ MIN_COUNT):")
+    print(analysis.top_downweighted[["token", "count", "mean_logp_diff"]].to_string(index=False))
+    print("\\nEOS:", {key: (round(value, 4) if isinstance(value, float) else value) for key, value in analysis.eos.items()})
+    display(Image(analysis.figure_path))
+    '''
+    ),
+    md(
+        """
+        ## Gradient magnitudes: DPO vs Flex-DPO
+
+        The 3D-properties paper observes that DPO's gradient on the rejected response is as large as on
+        the chosen one (ratio 1 at the start) and that the rejected likelihood falls faster than the chosen
+        one rises. Flex-DPO with β⁻ < β⁺ damps the rejected side; `[flex_dpo, sft]` with `loss_weights`
+        adds the paper's SFT term (Eq. 6), which increases the chosen-side gradient.
+        """
+    ),
+    code(
+        '''
+    def train(name, loss_type, **fields):
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, learning_rate=LEARNING_RATE),
+                         loss_type=loss_type, **fields)
+        trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+                             processing_class=tokenizer)
+        trainer.train()
+        return trainer
+
+
+    runs = {
+        "DPO (flex_dpo, β⁺ = β⁻ = 0.1)": train("flex_equal", "flex_dpo", beta=0.1),
+        "Flex-DPO (β⁺ = 0.1, β⁻ = 0.02)": train("flex", "flex_dpo", beta_chosen=0.1, beta_rejected=0.02),
+        "DPO + 0.5·SFT": train("dpo_sft", ["flex_dpo", "sft"], beta=0.1, loss_weights=[1.0, 0.5]),
+    }
+    figure, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for name, trainer in runs.items():
+        for axis, key in zip(axes, ["grad/chosen_abs", "grad/rejected_abs", "grad/ratio", "logps/rejected"]):
+            axis.plot(*logged(trainer, key), label=name)
+            axis.set_title(key)
+            axis.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(output_path(OUTPUT_DIR, "gradient_magnitudes.png"))
+    for name, trainer in runs.items():
+        first = next(entry for entry in trainer.state.log_history if "grad/ratio" in entry)
+        print(f"{name:<32} step-1 grad/ratio {first['grad/ratio']:.3f}")
+    '''
+    ),
+    md(
+        """
+        At the first step the policy equals the reference, so every DPO logit is 0 and
+        `|∂ℓ/∂lp(y_w)| = β⁺/2`, `|∂ℓ/∂lp(y_l)| = β⁻/2`: the ratio is exactly 1 for DPO and β⁻/β⁺ = 0.2 for
+        Flex-DPO; the SFT term lowers it further.
+        """
+    ),
+]
+
+NOTEBOOKS = {
+    "01_quickstart.ipynb": QUICKSTART,
+    "03_reference_sources.ipynb": REFERENCES,
+    "04_alpha_dpo_vs_simpo.ipynb": ALPHA_SIMPO,
+    "05_diagnostics.ipynb": DIAGNOSTICS,
+}
+
+
+def build(cells) -> nbformat.NotebookNode:
+    notebook = new_notebook(cells=cells)
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    notebook.metadata["language_info"] = {"name": "python"}
+    for number, cell in enumerate(notebook.cells):  # stable ids: regenerating gives identical files
+        cell["id"] = f"cell-{number}"
+    return notebook
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if a notebook on disk differs")
+    cli = parser.parse_args(argv)
+    stale = []
+    for name, cells in NOTEBOOKS.items():
+        text = nbformat.writes(build(cells)) + "\n"
+        path = HERE / name
+        if cli.check:
+            if not path.is_file() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    if stale:
+        print(f"out of date: {stale}; run python {Path(__file__).name}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
