@@ -46,6 +46,7 @@ def parameters(name: str, extra: str = "", small: str = "MAX_STEPS = 6") -> obje
         MAX_STEPS = 60
         OUTPUT_DIR = "outputs/{name}"
         {textwrap.indent(textwrap.dedent(extra).strip(), " " * 8).lstrip() if extra else ""}
+
         # The tests run every notebook with a few steps (TRL_REFPO_NOTEBOOK_SMALL=1) and their own folders.
         if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
             {small}
@@ -58,6 +59,10 @@ def parameters(name: str, extra: str = "", small: str = "MAX_STEPS = 6") -> obje
 SETUP = '''
     import copy
     import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
+    warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm without ipywidgets
 
     os.environ.setdefault("TQDM_DISABLE", "1")
     import matplotlib.pyplot as plt
@@ -224,13 +229,12 @@ REFERENCES = [
 
     def report(name, trainer):
         metrics = trainer.evaluate()
-        print(f"{name:<34} held-out rewards/accuracies {metrics['eval_rewards/accuracies']:.3f}  "
-              f"logps/accuracies {metrics['eval_logps/accuracies']:.3f}  "
-              f"lp_ref(chosen) {metrics.get('eval_logps/ref_chosen', float('nan')):8.3f}")
+        print(f"{name:<38} held-out rewards/accuracies {metrics['eval_rewards/accuracies']:.3f}  "
+              f"logps/accuracies {metrics['eval_logps/accuracies']:.3f}")
         return metrics
 
 
-    results = {"initial policy": report("initial policy (reference)", train("initial", train_now=True))}
+    results = {"initial policy": report("DPO, initial policy as reference", train("initial"))}
     '''
     ),
     md(
@@ -249,6 +253,9 @@ REFERENCES = [
     sft = train("sft_reference", loss_type="sft", steps=SFT_STEPS)
     stronger_path = os.path.join(OUTPUT_DIR, "stronger_reference")
     sft.save_model(stronger_path)
+    initial, stronger = results["initial policy"], sft.evaluate()
+    print(f"held-out mean lp(chosen): initial {initial['eval_logps/chosen']:.2f}, stronger {stronger['eval_logps/chosen']:.2f}; "
+          f"logps/accuracies: initial {initial['eval_logps/accuracies']:.3f}, stronger {stronger['eval_logps/accuracies']:.3f}")
 
     for beta in (0.1, 1.0):
         name = f"stronger reference, beta={beta}"
@@ -271,6 +278,8 @@ REFERENCES = [
         '''
     ref_model, ref_tokenizer = load_model(REF_MODEL, seed=1, parameter="REF_MODEL")
     if REF_MODEL == "tiny-bpe":  # make the random BPE model a reference worth having
+        # TRL warns (once per string) that BPE merges such as " f :" cross the prompt/completion boundary.
+        logging.getLogger("trl.trainer.dpo_trainer").setLevel(logging.ERROR)
         ref_model = train("bpe_sft", loss_type="sft", steps=SFT_STEPS, policy=ref_model,
                           policy_tokenizer=ref_tokenizer).model
 
@@ -319,11 +328,13 @@ REFERENCES = [
     ),
     code(
         '''
+    import shutil
     import time
 
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("trl_refpo").setLevel(logging.INFO)
     cache_dir = os.path.join(OUTPUT_DIR, "ref_logps_cache")
+    shutil.rmtree(cache_dir, ignore_errors=True)  # start empty, so that the first construction scores
     times = []
     for attempt in ("first", "second"):
         start = time.perf_counter()
@@ -476,8 +487,14 @@ DIAGNOSTICS = [
            policy itself).
         """
     ),
-    parameters("diagnostics", extra="MIN_COUNT = 20   # occurrences a token needs to be listed (paper: 100)",
-               small="MAX_STEPS = 6"),
+    parameters(
+        "diagnostics",
+        extra="""
+        MIN_COUNT = 20        # occurrences a token needs to be listed (the paper: 100)
+        NUM_TRAIN, NUM_EVAL = 256, 64
+        """,
+        small="MAX_STEPS, NUM_TRAIN, NUM_EVAL = 4, 64, 32",
+    ),
     code(
         SETUP
         + '''
@@ -486,8 +503,8 @@ DIAGNOSTICS = [
     from trl_refpo.diagnostics import TokenLevelAnalysisCallback, token_level_analysis
 
     model, tokenizer = load_model(MODEL)
-    train_dataset = toy_preference_dataset(256, seed=0)
-    eval_dataset = toy_preference_dataset(64, seed=1)
+    train_dataset = toy_preference_dataset(NUM_TRAIN, seed=0)
+    eval_dataset = toy_preference_dataset(NUM_EVAL, seed=1)
     '''
     ),
     md(
@@ -501,16 +518,17 @@ DIAGNOSTICS = [
     ),
     code(
         '''
-    callback = TokenLevelAnalysisCallback(min_count=MIN_COUNT, max_examples=64)
+    callback = TokenLevelAnalysisCallback(min_count=MIN_COUNT, max_examples=NUM_EVAL)
     args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, "dpo"), MAX_STEPS, learning_rate=LEARNING_RATE,
-                                  eval_strategy="steps", eval_steps=max(1, MAX_STEPS // 3)),
+                                  eval_strategy="steps", eval_steps=max(1, MAX_STEPS // 2)),
                      loss_type="sigmoid", beta=0.1)
     reference = copy.deepcopy(model)
     dpo = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      processing_class=tokenizer, callbacks=[callback])
     dpo.train()
     print("analyses at steps", [step for step, _ in callback.results])
-    print({key: round(value, 4) for key, value in dpo.state.log_history[-2].items() if "token/" in key})
+    last_eval = [entry for entry in dpo.state.log_history if any("token/" in key for key in entry)][-1]
+    print({key: round(value, 4) for key, value in last_eval.items() if "token/" in key})
     '''
     ),
     code(
