@@ -206,7 +206,8 @@ def test_alpha_dpo_single_pair_batches_are_finite(model, tokenizer, dataset, tmp
 
 def test_evaluation_does_not_move_controllers(model, tokenizer, dataset, tmp_path):
     trainer = RefPOTrainer(
-        model=model, args=tiny_args(tmp_path, loss_type=["alpha_dpo", "beta_dpo"], loss_weights=[1.0, 1.0]),
+        model=model, args=tiny_args(tmp_path, loss_type=["alpha_dpo", "beta_dpo", "epsilon_dpo"],
+                                    loss_weights=[1.0, 1.0, 1.0]),
         train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
     )
     before = copy.deepcopy(trainer.controller_state())
