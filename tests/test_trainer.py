@@ -128,6 +128,7 @@ ALL_PLUGIN_CONFIGS = {
     "simpo": dict(loss_type="simpo", beta=2.5, gamma_beta_ratio=0.3),
     "probability": dict(loss_type="probability", beta=0.5),
     "beta_dpo": dict(loss_type="beta_dpo", beta=0.5),
+    "epsilon_dpo": dict(loss_type="epsilon_dpo", beta=0.5, epsilon=0.05),
     "alpha_dpo+sft": dict(loss_type=["alpha_dpo", "sft"], loss_weights=[1.0, 0.2], beta=2.5),
     "sigmoid": dict(loss_type="sigmoid", beta=0.5),
 }
