@@ -11,42 +11,18 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, TrainerCallback
 from trl_refpo import RefPOConfig, RefPOTrainer, losses
 from trl_refpo.perturbation import PerturbationScorer
 from trl_refpo.reference import completion_logps
-from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, toy_preference_dataset
+from trl_refpo.testing import naive_epsilon_dpo, tiny_bpe_tokenizer, tiny_llama, toy_preference_dataset
 
 BETA = 0.1
 
 
-# ---------------------------------------------------------------------------------------------- the naive method
 def full_logits(model, batch):
-    """``(2B, T, V)`` logits from the model's own (unfused) forward: what the authors' code materialises."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
 
 
 def sequence_logps(logits, batch):
     token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     return (token_logps * batch["completion_mask"][:, 1:]).sum(1)
-
-
-def naive_epsilon_dpo(policy, reference, batch, beta, epsilon):
-    """ALGORITHMS.md §1 word for word, on full logits: returns (steps, per-pair β, per-pair loss)."""
-    policy_logits = full_logits(policy, batch)
-    with torch.no_grad():
-        reference_logits = full_logits(reference, batch)
-        frozen = policy_logits.detach()
-        weaker = (1 + epsilon) * frozen - epsilon * reference_logits
-        stronger = (1 - epsilon) * frozen + epsilon * reference_logits
-        s, s_weaker, s_stronger = (
-            (lambda lp: lp[: len(lp) // 2] - lp[len(lp) // 2 :])(sequence_logps(logits, batch))
-            for logits in (frozen, weaker, stronger)
-        )
-        steps = ((s_weaker > s) & (s > s_stronger)).long() - ((s_stronger > s) & (s > s_weaker)).long()
-        pair_beta = beta / (1 + epsilon * steps.float())
-        ref_logps = sequence_logps(reference_logits, batch)
-    policy_logps = sequence_logps(policy_logits, batch)
-    chosen, rejected = policy_logps.chunk(2)
-    ref_chosen, ref_rejected = ref_logps.chunk(2)
-    loss = -torch.nn.functional.logsigmoid(pair_beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
-    return steps, pair_beta, loss
 
 
 # ---------------------------------------------------------------------------------------------- helpers
