@@ -170,6 +170,119 @@ QUICKSTART = [
     ),
 ]
 
+# --------------------------------------------------------------------------------------------- 02 epsilon-DPO
+EPSILON_DPO = [
+    md(
+        """
+        # ε-DPO: KL penalty control via perturbation
+
+        *KL Penalty Control via Perturbation for Direct Preference Optimization* (Lee et al., 2025) adapts
+        DPO's β **per pair**. For each pair it asks how the policy's log-ratio
+        `s = log π_θ(y_w) − log π_θ(y_l)` would change if the policy had been trained with a weaker or a
+        stronger KL penalty. Those two policies are estimated without training, by perturbing the logits
+        towards or away from the reference at every completion position:
+
+        * `h⁻ = (1 + ε)·h_θ − ε·h_ref` — as if trained with `β/(1+ε)` (weaker KL),
+        * `h⁺ = (1 − ε)·h_θ + ε·h_ref` — as if trained with `β/(1−ε)` (stronger KL).
+
+        With `s⁻`, `s⁺` the log-ratios under those logits: `step_i = +1` if `s⁻ > s > s⁺` (a weaker KL would
+        separate the pair more: lower β), `−1` if `s⁺ > s > s⁻` (raise β), else 0. The pair is trained with
+        `β_i = β / (1 + ε·step_i)`, and after every optimizer step the baseline moves:
+        `β ← β / (1 + ε·mean(step))`.
+
+        Config: `loss_type="epsilon_dpo"`, `epsilon` (ε, paper 0.01), `beta` (initial β, paper 0.01 for
+        UltraFeedback). The reference must share the policy's vocabulary (the full next-token distributions
+        are compared), so it cannot be precomputed or cross-tokenizer. Metrics: `epsilon_dpo/beta` (the
+        baseline), `epsilon_dpo/beta_mean` (mean β_i of the batch), `epsilon_dpo/p_steps` / `n_steps` (the
+        fractions of pairs with step +1 / −1). β is trainer state, saved with checkpoints.
+        """
+    ),
+    parameters(
+        "epsilon_dpo",
+        extra="""
+        BETA = 0.1
+        EPSILONS = [0.01, 0.1]   # the paper's ε, and a larger one whose β moves visibly in a short run
+        NUM_TRAIN = 256
+        """,
+        small="MAX_STEPS, NUM_TRAIN = 6, 96",
+    ),
+    code(
+        SETUP
+        + '''
+    model, tokenizer = load_model(MODEL)
+    train_dataset = toy_preference_dataset(NUM_TRAIN, seed=0)
+    eval_dataset = toy_preference_dataset(64, seed=1)
+
+
+    def train(name, loss_type, **fields):
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, learning_rate=LEARNING_RATE),
+                         loss_type=loss_type, beta=BETA, **fields)
+        trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+                             eval_dataset=eval_dataset, processing_class=tokenizer)
+        trainer.train()
+        return trainer
+
+
+    runs = {"DPO (sigmoid)": train("sigmoid", "sigmoid")}
+    for epsilon in EPSILONS:
+        runs[f"ε-DPO, ε={epsilon}"] = train(f"epsilon_{epsilon}", "epsilon_dpo", epsilon=epsilon)
+    '''
+    ),
+    code(
+        '''
+    eps_runs = {name: trainer for name, trainer in runs.items() if name.startswith("ε")}
+    figure, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+    for name, trainer in eps_runs.items():
+        axes[0].plot(*logged(trainer, "epsilon_dpo/beta"), label=f"{name}: baseline β")
+        axes[0].plot(*logged(trainer, "epsilon_dpo/beta_mean"), "--", label=f"{name}: mean β_i")
+        axes[1].plot(*logged(trainer, "epsilon_dpo/p_steps"), label=f"{name}: step +1 (lower β)")
+        axes[1].plot(*logged(trainer, "epsilon_dpo/n_steps"), "--", label=f"{name}: step −1 (raise β)")
+    axes[0].axhline(BETA, color="grey", lw=0.8, label="DPO's fixed β")
+    axes[0].set_title("β trajectory")
+    axes[1].set_title("fraction of pairs per step direction")
+    for name, trainer in runs.items():
+        axes[2].plot(*logged(trainer, "loss"), label=name)
+    axes[2].set_title("training loss")
+    for axis in axes:
+        axis.set_xlabel("optimizer step")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output_path(OUTPUT_DIR, "epsilon_dpo.png"))
+    '''
+    ),
+    md(
+        """
+        The baseline β follows the product of the per-step factors `1/(1 + ε·mean(step))`: when more pairs
+        ask for a weaker KL (step +1) than for a stronger one, β falls. We check that on the logged values,
+        then compare the held-out accuracies with DPO's.
+        """
+    ),
+    code(
+        '''
+    for name, trainer in eps_runs.items():
+        epsilon = trainer.args.epsilon
+        _, betas = logged(trainer, "epsilon_dpo/beta")  # logged during each step, before that step's update
+        _, p_steps = logged(trainer, "epsilon_dpo/p_steps")
+        _, n_steps = logged(trainer, "epsilon_dpo/n_steps")
+        # one logged batch = one optimizer step here, so mean(step) = p_steps − n_steps
+        replayed = [BETA]
+        for p, n in zip(p_steps[:-1], n_steps[:-1]):
+            replayed.append(replayed[-1] / (1 + epsilon * (p - n)))
+        worst = max(abs(b - r) / r for b, r in zip(betas, replayed))
+        print(f"{name}: β {betas[0]:.6f} → {betas[-1]:.6f} over {len(betas)} steps; largest relative gap to "
+              f"β ← β/(1 + ε·mean(step)) replayed from the logged fractions: {worst:.1e}; "
+              f"mean fraction with step +1: {sum(p_steps) / len(p_steps):.2f}, with step −1: {sum(n_steps) / len(n_steps):.2f}")
+        assert worst < 1e-5
+
+    print(f"\\n{'held-out':<20}{'loss':>8}{'rewards/acc':>13}{'logps/acc':>11}")
+    for name, trainer in runs.items():
+        metrics = trainer.evaluate()
+        print(f"{name:<20}{metrics['eval_loss']:>8.4f}{metrics['eval_rewards/accuracies']:>13.3f}"
+              f"{metrics['eval_logps/accuracies']:>11.3f}")
+    '''
+    ),
+]
+
 # --------------------------------------------------------------------------------------------- 03 references
 REFERENCES = [
     md(
@@ -598,6 +711,7 @@ DIAGNOSTICS = [
 
 NOTEBOOKS = {
     "01_quickstart.ipynb": QUICKSTART,
+    "02_epsilon_dpo.ipynb": EPSILON_DPO,
     "03_reference_sources.ipynb": REFERENCES,
     "04_alpha_dpo_vs_simpo.ipynb": ALPHA_SIMPO,
     "05_diagnostics.ipynb": DIAGNOSTICS,
