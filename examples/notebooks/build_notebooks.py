@@ -639,9 +639,14 @@ DIAGNOSTICS = [
     dpo = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                      processing_class=tokenizer, callbacks=[callback])
     dpo.train()
-    print("analyses at steps", [step for step, _ in callback.results])
-    last_eval = [entry for entry in dpo.state.log_history if any("token/" in key for key in entry)][-1]
-    print({key: round(value, 4) for key, value in last_eval.items() if "token/" in key})
+    for step, result in callback.results:
+        top = result.top_downweighted
+        print(f"step {step}: EOS log π_θ − log π_ref {result.eos['mean_logp_diff']:+.4f}, "
+              f"EOS chosen − rejected {result.eos['policy_chosen_minus_rejected']:+.4f}, most down-weighted: "
+              + (f"{top['token'][0]!r} ({top['mean_logp_diff'][0]:+.4f})" if len(top) else "none"))
+    print(sorted(os.listdir(os.path.join(args.output_dir, "token_analysis"))))
+    metrics = dpo.evaluate()  # the callback also adds eval_token/... entries to the evaluation metrics
+    print({key: round(value, 4) for key, value in metrics.items() if "token/" in key})
     '''
     ),
     code(
