@@ -151,8 +151,11 @@ QUICKSTART = [
     ),
     md(
         """
-        Before training the policy *is* the reference: every implicit reward is 0, so `rewards/accuracies`
-        starts at 0 (ties are not counted), while `logps/accuracies` measures the initial policy.
+        DPO's implicit reward is `β·(log π_θ(y) − log π_ref(y))`. Before training the policy *is* the
+        reference, every reward is 0 and `sigmoid`'s `rewards/accuracies` starts at 0 (ties do not count).
+        α-DPO (like SimPO) rewards the length-normalised policy log-prob `β·log π_θ(y)/|y|`, so its
+        `rewards/accuracies` starts where the initial policy's own ranking is. `logps/accuracies` means the
+        same for every loss type: does the policy itself rank the chosen answer first?
         """
     ),
     code(

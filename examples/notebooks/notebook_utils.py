@@ -47,7 +47,7 @@ def resolve_model(name_or_path: str, parameter: str = "MODEL") -> str:
 
 
 def load_model(name_or_path: str, seed: int = 0, parameter: str = "MODEL"):
-    """``(model, tokenizer)`` for a notebook parameter (see the module docstring); fp32, eval-free, on CPU."""
+    """``(model, tokenizer)`` for a notebook parameter (see the module docstring), in fp32."""
     if name_or_path in (TINY, TINY_BPE):
         tokenizer = tiny_tokenizer() if name_or_path == TINY else tiny_bpe_tokenizer()
         return tiny_llama(tokenizer, hidden_size=64, num_layers=2, seed=seed), tokenizer
