@@ -142,7 +142,8 @@ QUICKSTART = [
     steps, _ = logged(runs["sigmoid"][0], "loss")
     losses = {name: logged(trainer, "loss")[1] for name, (trainer, _, _) in runs.items()}
     for row, step in enumerate(steps):
-        print(f"{step:>4} " + "".join(f"{losses[name][row]:>12.4f}" for name in runs))
+        if step % max(1, MAX_STEPS // 12) == 0 or step == 1:
+            print(f"{step:>4} " + "".join(f"{losses[name][row]:>12.4f}" for name in runs))
 
     print("\\nheld-out accuracy          " + "".join(f"{name + ' before':>18}{'after':>8}" for name in runs))
     for key in ["eval_rewards/accuracies", "eval_logps/accuracies"]:
