@@ -236,16 +236,17 @@ EPSILON_DPO = [
         '''
     eps_runs = {name: trainer for name, trainer in runs.items() if name.startswith("ε")}
     figure, axes = plt.subplots(1, 3, figsize=(16, 3.8))
-    for name, trainer in eps_runs.items():
-        axes[0].plot(*logged(trainer, "epsilon_dpo/beta"), label=f"{name}: baseline β")
-        axes[0].plot(*logged(trainer, "epsilon_dpo/beta_mean"), "--", label=f"{name}: mean β_i")
-        axes[1].plot(*logged(trainer, "epsilon_dpo/p_steps"), label=f"{name}: step +1 (lower β)")
-        axes[1].plot(*logged(trainer, "epsilon_dpo/n_steps"), "--", label=f"{name}: step −1 (raise β)")
+    for number, (name, trainer) in enumerate(eps_runs.items(), start=1):  # one colour per run
+        color = f"C{number}"
+        axes[0].plot(*logged(trainer, "epsilon_dpo/beta"), color=color, label=f"{name}: baseline β")
+        axes[0].plot(*logged(trainer, "epsilon_dpo/beta_mean"), "--", color=color, label=f"{name}: mean β_i")
+        axes[1].plot(*logged(trainer, "epsilon_dpo/p_steps"), color=color, label=f"{name}: step +1 (lower β)")
+        axes[1].plot(*logged(trainer, "epsilon_dpo/n_steps"), ":", color=color, label=f"{name}: step −1 (raise β)")
     axes[0].axhline(BETA, color="grey", lw=0.8, label="DPO's fixed β")
     axes[0].set_title("β trajectory")
     axes[1].set_title("fraction of pairs per step direction")
-    for name, trainer in runs.items():
-        axes[2].plot(*logged(trainer, "loss"), label=name)
+    for number, (name, trainer) in enumerate(runs.items()):
+        axes[2].plot(*logged(trainer, "loss"), color=f"C{number}", label=name)
     axes[2].set_title("training loss")
     for axis in axes:
         axis.set_xlabel("optimizer step")
@@ -256,8 +257,9 @@ EPSILON_DPO = [
     ),
     md(
         """
-        The baseline β follows the product of the per-step factors `1/(1 + ε·mean(step))`: when more pairs
-        ask for a weaker KL (step +1) than for a stronger one, β falls. We check that on the logged values,
+        At the first step the policy equals the reference, so `s⁻ = s = s⁺` and every step is 0. Then the
+        baseline β follows the product of the per-step factors `1/(1 + ε·mean(step))`: when more pairs ask
+        for a weaker KL (step +1) than for a stronger one, β falls. We check that on the logged values,
         then compare the held-out accuracies with DPO's.
         """
     ),
@@ -550,10 +552,11 @@ ALPHA_SIMPO = [
     for key in ("alpha_dpo/mu", "alpha_dpo/sigma"):
         axes[0].plot(*logged(alpha_run, key), label=key)
     axes[0].set_title("running statistics of g = u − r")
+    axes[1].plot(*logged(alpha_run, "alpha_dpo/margin_mean"), label="alpha_dpo (alpha=0.2)", color="tab:orange")
+    axes[1].axhline(SHARED["gamma_beta_ratio"], label="simpo: γ/β, constant", color="tab:blue")
     for name, trainer in runs.items():
-        if "alpha=0)" in name:
+        if "alpha=0)" in name:  # identical to simpo
             continue
-        axes[1].plot(*logged(trainer, "alpha_dpo/margin_mean"), label=name)
         axes[2].plot(*logged(trainer, "rewards/margins"), label=name)
         axes[3].plot(*logged(trainer, "logps/accuracies"), label=name)
     axes[1].set_title("target margin (mean over the batch)")
