@@ -353,7 +353,7 @@ REFERENCES = [
         return metrics
 
 
-    results = {"initial policy": report("DPO, initial policy as reference", train("initial"))}
+    results = {"initial policy as reference": report("initial policy as reference", train("initial"))}
     '''
     ),
     md(
@@ -372,7 +372,7 @@ REFERENCES = [
     sft = train("sft_reference", loss_type="sft", steps=SFT_STEPS)
     stronger_path = os.path.join(OUTPUT_DIR, "stronger_reference")
     sft.save_model(stronger_path)
-    initial, stronger = results["initial policy"], sft.evaluate()
+    initial, stronger = results["initial policy as reference"], sft.evaluate()
     print(f"held-out mean lp(chosen): initial {initial['eval_logps/chosen']:.2f}, stronger {stronger['eval_logps/chosen']:.2f}; "
           f"logps/accuracies: initial {initial['eval_logps/accuracies']:.3f}, stronger {stronger['eval_logps/accuracies']:.3f}")
 
@@ -464,6 +464,9 @@ REFERENCES = [
     print(cached.train_dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths"])[:3])
     cached.train()
     results["cross-tokenizer, precomputed"] = report("cross-tokenizer, precomputed + cached", cached)
+    online_loss, precomputed_loss = (results[key]["eval_loss"] for key in ("cross-tokenizer reference", "cross-tokenizer, precomputed"))
+    print(f"held-out loss, online vs precomputed reference: {online_loss:.5f} vs {precomputed_loss:.5f}")
+    assert abs(online_loss - precomputed_loss) < 1e-3 * abs(online_loss)  # the same reference, scored once
     '''
     ),
     code(
