@@ -43,7 +43,7 @@ def kernel_path(tmp_path_factory):
 
 @pytest.fixture
 def notebook_env(kernel_path, tmp_path, monkeypatch):
-    """Environment the kernel inherits: small settings, outputs under tmp_path, no GUI, no hub, 2 threads."""
+    """Environment the kernel inherits: small settings, outputs under tmp_path, no GUI, no hub, one thread."""
     monkeypatch.setenv("JUPYTER_PATH", kernel_path)
     monkeypatch.setenv("TRL_REFPO_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", str(tmp_path))
@@ -51,7 +51,7 @@ def notebook_env(kernel_path, tmp_path, monkeypatch):
     monkeypatch.setenv("TQDM_DISABLE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
-    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: a second thread only adds contention
     # the kernel imports the same trl_refpo as the tests (a worktree on PYTHONPATH, or the installed package)
     package_root = str(Path(__file__).resolve().parents[1])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
