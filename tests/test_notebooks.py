@@ -125,6 +125,13 @@ def test_missing_model_is_one_clear_line(path, expected, monkeypatch):
     assert expected in rendered[0] and "Set MODEL to one of" in rendered[0]
 
 
+def test_folder_that_is_not_a_model_names_the_parameter(tmp_path):
+    from notebook_utils import NotebookSetupError, load_model
+
+    with pytest.raises(NotebookSetupError, match=r"^REF_MODEL = .*: is a folder without config.json: not a model"):
+        load_model(str(tmp_path), parameter="REF_MODEL")
+
+
 def test_notebook_with_missing_model_stops_with_one_line(notebook_env, monkeypatch):
     """The user's view: the first cell that loads the model shows one line, not a traceback."""
     monkeypatch.setenv("TRL_REFPO_NOTEBOOK_MODEL", "/no/such/model/folder")
