@@ -35,7 +35,7 @@ def code(text: str):
 
 def parameters(name: str, extra: str = "", small: str = "MAX_STEPS = 6") -> object:
     """The parameter cell every notebook starts with."""
-    return code(
+    template = textwrap.dedent(
         f'''
         # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────
         import os
@@ -43,9 +43,10 @@ def parameters(name: str, extra: str = "", small: str = "MAX_STEPS = 6") -> obje
         MODEL = "tiny"         # "tiny": random Llama built in code (offline, seconds) |
                                # "offline:smollm2-135m-instruct" | a local model folder
         LEARNING_RATE = 2e-3   # for the tiny model; use ~5e-7 to 5e-6 for a real one
+        BATCH_SIZE = 16        # pairs per step; a real model on a CPU: 2 (about 15 s per step for 135M parameters)
         MAX_STEPS = 60
         OUTPUT_DIR = "outputs/{name}"
-        {textwrap.indent(textwrap.dedent(extra).strip(), " " * 8).lstrip() if extra else ""}
+        {{extra}}
 
         # The tests run every notebook with a few steps (TRL_REFPO_NOTEBOOK_SMALL=1) and their own folders.
         if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
@@ -54,6 +55,7 @@ def parameters(name: str, extra: str = "", small: str = "MAX_STEPS = 6") -> obje
         OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
         '''
     )
+    return code(template.replace("{extra}", textwrap.dedent(extra).strip()))
 
 
 SETUP = '''
@@ -97,7 +99,8 @@ QUICKSTART = [
         SETUP
         + '''
     model, tokenizer = load_model(MODEL)
-    print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters, vocabulary {len(tokenizer)}")
+    num_parameters = sum(p.numel() for p in model.parameters())
+    print(f"{type(model).__name__}: {num_parameters:,} parameters, vocabulary {len(tokenizer)}")
 
     # The toy task: sort / reverse / copy a few letters; `chosen` solves it, `rejected` does not.
     train_dataset = toy_preference_dataset(NUM_TRAIN, seed=0)
@@ -120,7 +123,7 @@ QUICKSTART = [
     def train(loss_type, **fields):
         """Train a copy of the initial policy; return the trainer and the held-out metrics before / after."""
         args = DPOConfig(
-            **cpu_config(os.path.join(OUTPUT_DIR, str(loss_type)), MAX_STEPS, learning_rate=LEARNING_RATE),
+            **cpu_config(os.path.join(OUTPUT_DIR, str(loss_type)), MAX_STEPS, LEARNING_RATE, BATCH_SIZE),
             loss_type=loss_type, **fields,
         )
         trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
@@ -219,7 +222,7 @@ EPSILON_DPO = [
 
 
     def train(name, loss_type, **fields):
-        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, learning_rate=LEARNING_RATE),
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, LEARNING_RATE, BATCH_SIZE),
                          loss_type=loss_type, beta=BETA, **fields)
         trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=tokenizer)
@@ -277,7 +280,8 @@ EPSILON_DPO = [
         worst = max(abs(b - r) / r for b, r in zip(betas, replayed))
         print(f"{name}: β {betas[0]:.6f} → {betas[-1]:.6f} over {len(betas)} steps; largest relative gap to "
               f"β ← β/(1 + ε·mean(step)) replayed from the logged fractions: {worst:.1e}; "
-              f"mean fraction with step +1: {sum(p_steps) / len(p_steps):.2f}, with step −1: {sum(n_steps) / len(n_steps):.2f}")
+              f"mean fraction with step +1: {sum(p_steps) / len(p_steps):.2f}, "
+              f"with step −1: {sum(n_steps) / len(n_steps):.2f}")
         assert worst < 1e-5
 
     print(f"\\n{'held-out':<20}{'loss':>8}{'rewards/acc':>13}{'logps/acc':>11}")
@@ -337,7 +341,7 @@ REFERENCES = [
         kwargs: DPOConfig fields, and the trainer's `ref_model=` / `ref_tokenizer=`."""
         trainer_kwargs = {key: kwargs.pop(key) for key in ("ref_model", "ref_tokenizer") if key in kwargs}
         args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), steps or MAX_STEPS,
-                                      learning_rate=LEARNING_RATE), loss_type=loss_type, beta=beta, **kwargs)
+                                      LEARNING_RATE, BATCH_SIZE), loss_type=loss_type, beta=beta, **kwargs)
         trainer = DPOTrainer(model=copy.deepcopy(policy or model), args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=policy_tokenizer or tokenizer,
                              **trainer_kwargs)
@@ -373,8 +377,8 @@ REFERENCES = [
     stronger_path = os.path.join(OUTPUT_DIR, "stronger_reference")
     sft.save_model(stronger_path)
     initial, stronger = results["initial policy as reference"], sft.evaluate()
-    print(f"held-out mean lp(chosen): initial {initial['eval_logps/chosen']:.2f}, stronger {stronger['eval_logps/chosen']:.2f}; "
-          f"logps/accuracies: initial {initial['eval_logps/accuracies']:.3f}, stronger {stronger['eval_logps/accuracies']:.3f}")
+    for key in ("eval_logps/chosen", "eval_logps/accuracies"):
+        print(f"held-out {key}: initial policy {initial[key]:.3f}, stronger reference {stronger[key]:.3f}")
 
     for beta in (0.1, 1.0):
         name = f"stronger reference, beta={beta}"
@@ -406,7 +410,8 @@ REFERENCES = [
     example = cross.train_dataset[0]
     print("source:", type(cross.reference_source).__name__)
     print("policy    tokens:", tokenizer.convert_ids_to_tokens(example["prompt_ids"] + example["chosen_ids"]))
-    print("reference tokens:", ref_tokenizer.convert_ids_to_tokens(example["ref_prompt_ids"] + example["ref_chosen_ids"]))
+    print("reference tokens:",
+          ref_tokenizer.convert_ids_to_tokens(example["ref_prompt_ids"] + example["ref_chosen_ids"]))
     cross.train()
     results["cross-tokenizer reference"] = report("cross-tokenizer reference", cross)
     '''
@@ -425,7 +430,8 @@ REFERENCES = [
     prior = train("likelihood", loss_type="likelihood", beta=0.01, train_now=False)
     print("likelihood: ref_prompt =", prior.args.ref_prompt)
     example = prior.train_dataset[0]
-    print("the reference scores:", tokenizer.convert_ids_to_tokens(example["ref_prompt_ids"] + example["ref_chosen_ids"]))
+    print("the reference scores:",
+          tokenizer.convert_ids_to_tokens(example["ref_prompt_ids"] + example["ref_chosen_ids"]))
     prior.train()
     results["prior (likelihood, beta=0.01)"] = report("prior (likelihood, beta=0.01)", prior)
     results["prior of the stronger reference"] = report(
@@ -464,7 +470,8 @@ REFERENCES = [
     print(cached.train_dataset.select_columns(["ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths"])[:3])
     cached.train()
     results["cross-tokenizer, precomputed"] = report("cross-tokenizer, precomputed + cached", cached)
-    online_loss, precomputed_loss = (results[key]["eval_loss"] for key in ("cross-tokenizer reference", "cross-tokenizer, precomputed"))
+    online_loss = results["cross-tokenizer reference"]["eval_loss"]
+    precomputed_loss = results["cross-tokenizer, precomputed"]["eval_loss"]
     print(f"held-out loss, online vs precomputed reference: {online_loss:.5f} vs {precomputed_loss:.5f}")
     assert abs(online_loss - precomputed_loss) < 1e-3 * abs(online_loss)  # the same reference, scored once
     '''
@@ -519,7 +526,7 @@ ALPHA_SIMPO = [
 
 
     def train(name, loss_type, **fields):
-        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, learning_rate=LEARNING_RATE),
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, LEARNING_RATE, BATCH_SIZE),
                          loss_type=loss_type, **SHARED, **fields)
         trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
                              eval_dataset=eval_dataset, processing_class=tokenizer)
@@ -544,7 +551,8 @@ ALPHA_SIMPO = [
         '''
     simpo_loss = logged(runs["simpo"], "loss")[1]
     alpha0_loss = logged(runs["alpha_dpo (alpha=0)"], "loss")[1]
-    print("largest loss difference, simpo vs alpha_dpo(alpha=0):", max(abs(a - b) for a, b in zip(simpo_loss, alpha0_loss)))
+    largest = max(abs(a - b) for a, b in zip(simpo_loss, alpha0_loss))
+    print(f"largest loss difference, simpo vs alpha_dpo(alpha=0), over {len(simpo_loss)} steps: {largest}")
     assert all(abs(a - b) < 1e-4 * max(1.0, abs(a)) for a, b in zip(simpo_loss, alpha0_loss))
     '''
     ),
@@ -579,7 +587,8 @@ ALPHA_SIMPO = [
         metrics = trainer.evaluate()
         print(f"{name:<24}{metrics['eval_loss']:>8.4f}{metrics['eval_rewards/accuracies']:>13.3f}"
               f"{metrics['eval_logps/accuracies']:>11.3f}")
-    print("final running μ = {:.4f}, σ = {:.4f}".format(*(logged(alpha_run, key)[1][-1] for key in ("alpha_dpo/mu", "alpha_dpo/sigma"))))
+    mu, sigma = (logged(alpha_run, key)[1][-1] for key in ("alpha_dpo/mu", "alpha_dpo/sigma"))
+    print(f"final running μ = {mu:.4f}, σ = {sigma:.4f}")
     '''
     ),
     md(
@@ -642,7 +651,7 @@ DIAGNOSTICS = [
     code(
         '''
     callback = TokenLevelAnalysisCallback(min_count=MIN_COUNT, max_examples=NUM_EVAL)
-    args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, "dpo"), MAX_STEPS, learning_rate=LEARNING_RATE,
+    args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, "dpo"), MAX_STEPS, LEARNING_RATE, BATCH_SIZE,
                                   eval_strategy="steps", eval_steps=max(1, MAX_STEPS // 2)),
                      loss_type="sigmoid", beta=0.1)
     reference = copy.deepcopy(model)
@@ -671,7 +680,7 @@ DIAGNOSTICS = [
         '''
     print("most down-weighted tokens (count ≥ MIN_COUNT):")
     print(analysis.top_downweighted[["token", "count", "mean_logp_diff"]].to_string(index=False))
-    print("\\nEOS:", {key: (round(value, 4) if isinstance(value, float) else value) for key, value in analysis.eos.items()})
+    print("\\nEOS:", {key: round(value, 4) if isinstance(value, float) else value for key, value in analysis.eos.items()})
     display(Image(analysis.figure_path))
     '''
     ),
@@ -688,7 +697,7 @@ DIAGNOSTICS = [
     code(
         '''
     def train(name, loss_type, **fields):
-        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, learning_rate=LEARNING_RATE),
+        args = DPOConfig(**cpu_config(os.path.join(OUTPUT_DIR, name), MAX_STEPS, LEARNING_RATE, BATCH_SIZE),
                          loss_type=loss_type, **fields)
         trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
                              processing_class=tokenizer)

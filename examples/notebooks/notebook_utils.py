@@ -58,14 +58,14 @@ def load_model(name_or_path: str, seed: int = 0, parameter: str = "MODEL"):
     return model, tokenizer
 
 
-def cpu_config(output_dir: str, max_steps: int, **overrides) -> dict:
+def cpu_config(output_dir: str, max_steps: int, learning_rate: float, batch_size: int = 16, **overrides) -> dict:
     """The ``DPOConfig`` fields the notebooks share: short CPU runs, a metric entry per step, no checkpoints."""
     fields = dict(
         output_dir=output_dir,
         max_steps=max_steps,
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=32,
-        learning_rate=2e-3,
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=2 * batch_size,
+        learning_rate=learning_rate,
         lr_scheduler_type="constant",
         logging_steps=1,
         save_strategy="no",
