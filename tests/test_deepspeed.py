@@ -7,7 +7,6 @@ CPU DeepSpeed needs the test-only accelerate patch in tests/deepspeed_launcher.p
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def test_zero_two_processes_match_single_process(case, zero_run, single_process)
     if case not in available_cases():
         pytest.skip(EPSILON_MISSING)
     stage, ranks = zero_run
-    rank0, rank1 = (copy.deepcopy(rank[case]) for rank in ranks)
+    rank0, rank1 = (rank[case] for rank in ranks)
     expected = single_process[case]
 
     assert [rank0["world_size"], rank1["world_size"]] == [2, 2]
@@ -79,11 +78,11 @@ def test_zero_two_processes_match_single_process(case, zero_run, single_process)
         (state,) = rank0["controller_state"].values()
         assert state["beta"] != 0.1  # it has moved from β₀ with ε = 0.5
 
-    # Same numbers as one process on the same global batches: the first step before any optimizer step exactly up
-    # to float rounding; later steps after DeepSpeed's ZeRO optimizer wrapping the same torch AdamW.
+    # Same numbers as one process on the same global batches, up to float rounding: the first step before any
+    # optimizer step, later ones after DeepSpeed's ZeRO optimizer wrapping the same torch AdamW (measured: ≤ 3e-6 rel).
     assert len(rank0["losses"]) == len(expected["losses"]) == 3
-    assert rank0["losses"][0] == pytest.approx(expected["losses"][0], rel=1e-4, abs=1e-6)
-    assert rank0["losses"] == pytest.approx(expected["losses"], rel=1e-3, abs=1e-5)
+    assert rank0["losses"] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
     assert rank0["ref_chosen"] == pytest.approx(expected["ref_chosen"], rel=1e-4, abs=1e-5)
+    assert rank0["controller_state"].keys() == expected["controller_state"].keys()
     for key, state in expected["controller_state"].items():
-        assert rank0["controller_state"][key] == pytest.approx(state, rel=1e-3, abs=1e-6)
+        assert rank0["controller_state"][key] == pytest.approx(state, rel=1e-4, abs=1e-7)
