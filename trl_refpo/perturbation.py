@@ -81,7 +81,7 @@ def vocab_size(model) -> int:
 
 def require_full_distribution_reference(source) -> None:
     """ε-DPO needs a reference model that scores the policy's own token ids over the same vocabulary."""
-    from .reference import ColumnReference, ModelReference, NoReference
+    from .reference import ColumnReference, NoReference
 
     why = "epsilon_dpo needs the reference model's full next-token distribution at every completion position"
     if isinstance(source, ColumnReference):
@@ -91,7 +91,7 @@ def require_full_distribution_reference(source) -> None:
         )
     if isinstance(source, NoReference):
         raise ValueError(f"{why}, but this setup has no reference model.")
-    if not isinstance(source, ModelReference):
+    if not source.scores_policy_token_ids:
         raise ValueError(
             f"{why} over the policy's vocabulary, for the same prompt; a reference that re-tokenises the text (a "
             "different ref_tokenizer, or ref_prompt='none') cannot give it. Use a reference sharing the policy's "
