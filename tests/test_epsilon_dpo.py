@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_args
-from transformers import Gemma2Config, Gemma2ForCausalLM, TrainerCallback
+from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, TrainerCallback
 
 from trl_refpo import RefPOConfig, RefPOTrainer, losses
 from trl_refpo.perturbation import PerturbationScorer
@@ -101,15 +101,28 @@ def test_position_chunking_does_not_change_the_result(block_elements, tokenizer,
         torch.testing.assert_close(chunked[key], full[key], rtol=0, atol=1e-5)
 
 
-def test_logit_scale_and_softcap_follow_the_lm_head(tokenizer, tmp_path):
-    """Gemma-2 softcaps its logits: the mixtures are formed from the softcapped logits, like TRL's fused head."""
-    config = Gemma2Config(
+def gemma2_with_softcap(tokenizer):
+    return Gemma2ForCausalLM(Gemma2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256,
-    )
+    ))
+
+
+def cohere_with_logit_scale(tokenizer):
+    return CohereForCausalLM(CohereConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logit_scale=0.5, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256,
+    ))
+
+
+@pytest.mark.parametrize("build", [gemma2_with_softcap, cohere_with_logit_scale])
+def test_logit_scale_and_softcap_follow_the_lm_head(build, tokenizer, tmp_path):
+    """Gemma-2 softcaps its logits, Cohere scales them: the mixtures are formed from the transformed logits, as
+    the model's own forward and TRL's fused head form them."""
     torch.manual_seed(0)
-    reference = Gemma2ForCausalLM(config)
+    reference = build(tokenizer)
     policy = moved(reference, 3, scale=0.2)
     trainer = epsilon_trainer(tmp_path, copy.deepcopy(policy), copy.deepcopy(reference), tokenizer,
                               toy_preference_dataset(16), per_device_train_batch_size=8)
