@@ -751,19 +751,22 @@ def build(cells) -> nbformat.NotebookNode:
     return notebook
 
 
+def _contents(notebook) -> list[tuple[str, str, object]]:
+    """What ``--check`` compares: cell types, sources and outputs (not nbformat's version-dependent layout)."""
+    return [(cell.cell_type, cell.source, cell.get("outputs")) for cell in notebook.cells]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="exit 1 if a notebook on disk differs")
     cli = parser.parse_args(argv)
     stale = []
     for name, cells in NOTEBOOKS.items():
-        text = nbformat.writes(build(cells)) + "\n"
-        path = HERE / name
-        if cli.check:
-            if not path.is_file() or path.read_text() != text:
-                stale.append(name)
-        else:
-            path.write_text(text)
+        notebook, path = build(cells), HERE / name
+        if not cli.check:
+            path.write_text(nbformat.writes(notebook) + "\n")
+        elif not path.is_file() or _contents(nbformat.read(path, as_version=4)) != _contents(notebook):
+            stale.append(name)
     if stale:
         print(f"out of date: {stale}; run python {Path(__file__).name}", file=sys.stderr)
         return 1
