@@ -728,7 +728,9 @@ DIAGNOSTICS = [
         """
         At the first step the policy equals the reference, so every DPO logit is 0 and
         `|∂ℓ/∂lp(y_w)| = β⁺/2`, `|∂ℓ/∂lp(y_l)| = β⁻/2`: the ratio is exactly 1 for DPO and β⁻/β⁺ = 0.2 for
-        Flex-DPO; the SFT term lowers it further.
+        Flex-DPO. The SFT term (the token-mean NLL of the chosen answers, weight γ = 0.5) adds γ·B/N_w to
+        the chosen side (B pairs, N_w chosen tokens in the batch), so DPO + SFT starts below 1 too. Over
+        training, plain DPO's `logps/rejected` falls fastest; both remedies slow that fall.
         """
     ),
 ]
