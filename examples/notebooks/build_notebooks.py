@@ -730,7 +730,8 @@ DIAGNOSTICS = [
         `|∂ℓ/∂lp(y_w)| = β⁺/2`, `|∂ℓ/∂lp(y_l)| = β⁻/2`: the ratio is exactly 1 for DPO and β⁻/β⁺ = 0.2 for
         Flex-DPO. The SFT term (the token-mean NLL of the chosen answers, weight γ = 0.5) adds γ·B/N_w to
         the chosen side (B pairs, N_w chosen tokens in the batch), so DPO + SFT starts below 1 too. Over
-        training, plain DPO's `logps/rejected` falls fastest; both remedies slow that fall.
+        training, compare `logps/rejected`: in the default 60-step tiny run plain DPO pushes it down
+        (about −18 → −22), while with either remedy it does not fall.
         """
     ),
 ]
