@@ -84,3 +84,6 @@ def main(out: str, ref_path: str, *cases: str) -> None:
 
 if __name__ == "__main__":
     main(*sys.argv[1:])
+    from deepspeed_launcher import end_worker
+
+    end_worker()
