@@ -52,6 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=32)
     parser.add_argument("--output_dir", default="outputs/main_job")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs 1 is often faster",
+    )
     return parser.parse_args(argv)
 
 
@@ -182,6 +186,8 @@ def save_plots(log_history, before: dict, after: dict, kinds, output_dir: str, t
 def main(argv=None) -> dict:
     cli = parse_args(argv)
     start = time.time()
+    if cli.threads:
+        torch.set_num_threads(cli.threads)
     try:
         model, tokenizer = load_model(cli.model)
     except ModelNotFound as error:

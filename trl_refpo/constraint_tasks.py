@@ -127,7 +127,7 @@ def check_comma_list(response: str, count: int) -> bool:
 def check_end_word(response: str, word: str) -> bool:
     """The last word (ignoring closing punctuation and quotes) is ``word``, case-insensitively."""
     words = _words(response)
-    return bool(words) and words[-1].lower() == word.lower()
+    return bool(words) and words[-1].strip("'").lower() == word.lower()
 
 
 def check_yes_no(response: str, answer: str) -> bool:

@@ -1,0 +1,51 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+
+def test_main_job_runs_end_to_end_with_a_tiny_model(tmp_path):
+    import main_job
+
+    results = main_job.main(
+        ["--model", "tiny", "--max_steps", "2", "--num_eval_prompts", "6", "--max_new_tokens", "4",
+         "--output_dir", str(tmp_path)]
+    )
+    assert len(results["loss"]) == 2 and all(loss == loss for loss in results["loss"])
+    for stage in ("before", "after"):
+        rates = results[stage]["constraint_rates"]
+        assert set(rates) == {"arithmetic", "max_words", "lowercase", "comma_list", "end_word", "yes_no", "all"}
+        assert all(0.0 <= rate <= 1.0 for rate in rates.values())
+        assert set(results[stage]["ranking"]) == {"logps/accuracies", "rewards/accuracies"}
+        assert len(results[stage]["responses"]) == 6
+    for name in ("loss.png", "constraints.png", "results.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["loss_type"] == "sigmoid"
+
+
+def test_constraint_rates_score_the_dataset_replies():
+    import main_job
+
+    from trl_refpo.constraint_tasks import constraint_splits
+
+    _, tasks = constraint_splits(num_train=6, num_eval=12, seed=0)
+    assert main_job.constraint_rates(tasks, [task.chosen for task in tasks])["all"] == 1.0
+    assert main_job.constraint_rates(tasks, [task.rejected for task in tasks])["all"] == 0.0
+    mixed = main_job.constraint_rates(tasks, [task.chosen if i % 4 == 0 else task.rejected for i, task in enumerate(tasks)])
+    assert mixed["all"] == 0.25
+
+
+def test_missing_model_is_one_line_and_exit_code_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "main_job.py"), "--model", str(tmp_path / "no-such-model"),
+         "--output_dir", str(tmp_path / "out")],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}, timeout=300,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "no-such-model" in lines[0]
