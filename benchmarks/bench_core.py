@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    alternate, bench_model, long_preference_dataset, print_table, run_memory_subprocess, step_memory,
+    alternate, bench_model, long_preference_dataset, prepared_batches, print_table, run_memory_subprocess, step_memory,
 )
 from trl import DPOConfig as TRLDPOConfig  # noqa: E402
 from trl import DPOTrainer as TRLDPOTrainer  # noqa: E402
@@ -61,12 +61,6 @@ def setup(size):
     return tokenizer, model, dataset
 
 
-def batches_of(trainer, dataset, pairs):
-    trainer.args.per_device_train_batch_size = pairs
-    loader = trainer.get_train_dataloader()
-    return [trainer._prepare_inputs(batch) for batch in loader]
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
@@ -79,12 +73,12 @@ def main():
 
     if cli.memory_of:
         trainer = build(cli.memory_of, model, tokenizer, dataset, tmp)
-        batches = batches_of(trainer, dataset, size["pairs"])
+        batches = prepared_batches(trainer, size["pairs"])
         print(json.dumps(step_memory(lambda: trainer, batches, steps=4)))
         return
 
     trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
-    batches = batches_of(trainers["sigmoid"], dataset, size["pairs"])
+    batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     times = alternate(trainers, batches, size["rounds"])
     extra = ["--quick"] if cli.quick else []
     memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}

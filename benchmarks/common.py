@@ -48,6 +48,13 @@ def bench_model(hidden_size: int, num_layers: int, vocab_size: int, seed: int = 
                                  vocab_size=vocab_size)
 
 
+def prepared_batches(trainer, pairs: int) -> list[dict]:
+    """The trainer's own collated, device-placed batches of ``pairs`` preference pairs each."""
+    trainer.args.per_device_train_batch_size = pairs
+    trainer._train_batch_size = pairs  # what get_train_dataloader reads
+    return [trainer._prepare_inputs(batch) for batch in trainer.get_train_dataloader()]
+
+
 def training_step(trainer, batch, optimizer):
     trainer.model.train()
     optimizer.zero_grad(set_to_none=True)

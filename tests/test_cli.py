@@ -91,6 +91,14 @@ def test_max_prompt_and_completion_length_set_max_length(tmp_path):
     assert (parsed.max_prompt_length, parsed.max_completion_length) == (64, 32)
 
 
+@pytest.mark.parametrize("reference", [dict(loss_type="likelihood"),
+                                       dict(ref_model_name_or_path="r", ref_tokenizer_name_or_path="r")])
+def test_legacy_length_limits_with_a_retokenising_reference_are_rejected(tmp_path, reference):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64, **reference)
+    with pytest.raises(RecipeError, match="max_length"):
+        parse_recipe(["--config", path, *CPU])
+
+
 def test_explicit_max_length_is_kept(tmp_path):
     path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64,
                         max_completion_length=32, max_length=80)

@@ -128,6 +128,7 @@ ALL_PLUGIN_CONFIGS = {
     "simpo": dict(loss_type="simpo", beta=2.5, gamma_beta_ratio=0.3),
     "probability": dict(loss_type="probability", beta=0.5),
     "beta_dpo": dict(loss_type="beta_dpo", beta=0.5),
+    "epsilon_dpo": dict(loss_type="epsilon_dpo", beta=0.5, epsilon=0.05),
     "alpha_dpo+sft": dict(loss_type=["alpha_dpo", "sft"], loss_weights=[1.0, 0.2], beta=2.5),
     "sigmoid": dict(loss_type="sigmoid", beta=0.5),
 }
@@ -206,7 +207,8 @@ def test_alpha_dpo_single_pair_batches_are_finite(model, tokenizer, dataset, tmp
 
 def test_evaluation_does_not_move_controllers(model, tokenizer, dataset, tmp_path):
     trainer = RefPOTrainer(
-        model=model, args=tiny_args(tmp_path, loss_type=["alpha_dpo", "beta_dpo"], loss_weights=[1.0, 1.0]),
+        model=model, args=tiny_args(tmp_path, loss_type=["alpha_dpo", "beta_dpo", "epsilon_dpo"],
+                                    loss_weights=[1.0, 1.0, 1.0]),
         train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer,
     )
     before = copy.deepcopy(trainer.controller_state())

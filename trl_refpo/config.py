@@ -24,6 +24,7 @@ class RefPOConfig(_TRLDPOConfig):
     (see ``trl_refpo.available_loss_types()``), alone or mixed with TRL's in a list with ``loss_weights``.
 
     Parameters added by trl-refpo:
+        epsilon (`float`, defaults to 0.01): ε-DPO's perturbation size ε ∈ (0, 1) (per-pair β_i = β / (1 + ε·step_i)).
         beta_chosen / beta_rejected (`float`, *optional*): Flex-DPO's β⁺ and β⁻; default ``beta``.
         alpha (`float`, defaults to 0.2): α-DPO's weight of the z-normalised adaptive margin (0 is SimPO).
         gamma_beta_ratio (`float`, defaults to 0.6): SimPO / α-DPO target margin γ/β.
@@ -56,6 +57,7 @@ class RefPOConfig(_TRLDPOConfig):
 
     _VALID_DICT_FIELDS = _TRLDPOConfig._VALID_DICT_FIELDS + ["ref_model_init_kwargs"]
 
+    epsilon: float = field(default=0.01, metadata={"help": "ε-DPO perturbation size ε in (0, 1)."})
     beta_chosen: float | None = field(default=None, metadata={"help": "Flex-DPO β⁺ (chosen); default: beta."})
     beta_rejected: float | None = field(default=None, metadata={"help": "Flex-DPO β⁻ (rejected); default: beta."})
     alpha: float = field(default=0.2, metadata={"help": "α-DPO adaptive-margin weight α ≥ 0 (0 = SimPO)."})
@@ -163,6 +165,8 @@ class RefPOConfig(_TRLDPOConfig):
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3).")
         self._validate_reference_source()
+        if "epsilon_dpo" in self.loss_type:
+            self._validate_epsilon_dpo()
         if self.sync_ref_model and not self.needs_reference:
             raise ValueError(
                 f"sync_ref_model=True but loss_type {self.loss_type} uses no reference model. Set sync_ref_model=False."
@@ -208,6 +212,25 @@ class RefPOConfig(_TRLDPOConfig):
                 "sync_ref_model=True copies the policy's weights into the reference, which a reference with a "
                 "different tokenizer (ref_tokenizer_name_or_path) cannot take. Set sync_ref_model=False."
             )
+    def _validate_epsilon_dpo(self) -> None:
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon (ε-DPO) must be in (0, 1), got {self.epsilon}. The paper uses 0.01.")
+        why = (
+            "epsilon_dpo needs the reference model's full next-token distribution at every completion position "
+            "(to score the perturbed policies), not only summed reference log-probs"
+        )
+        if self.precompute_ref_log_probs:
+            raise ValueError(f"{why}, so it cannot use precompute_ref_log_probs=True. Set it to False.")
+        if self.ref_prompt == "none":
+            raise ValueError(
+                f"{why} given the same prompt as the policy, so it cannot use the prior reference (ref_prompt='none')."
+            )
+        if self.ref_tokenizer_name_or_path is not None:
+            raise ValueError(
+                f"{why} over the policy's vocabulary, so it cannot use a reference with a different tokenizer "
+                "(ref_tokenizer_name_or_path). Use a reference that shares the policy's tokenizer."
+            )
+
     def _validate_typo(self) -> None:
         from .ref_completions import RESERVED_COLUMNS, ids_column
 

@@ -20,12 +20,16 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
 
 from .data import RefPODataCollator
+
+if TYPE_CHECKING:
+    import pandas
 
 # --------------------------------------------------------------------------------------------- 3D-properties
 

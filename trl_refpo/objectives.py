@@ -217,6 +217,45 @@ class Probability(Objective):
         return ObjectiveOutput(per_pair, (beta * pairs.chosen_logps).detach(), (beta * pairs.rejected_logps).detach())
 
 
+class EpsilonDPO(Objective):
+    """ε-DPO (Lee et al., 2025, "KL Penalty Control via Perturbation for Direct Preference Optimization";
+    ALGORITHMS.md §1, the authors' released code): per-pair ``β_i = β / (1 + ε·step_i)`` from whether the
+    log-ratio ``s`` is monotone between the policies perturbed towards weaker and stronger KL, then
+    ``−log σ(β_i·Δ_i)``. The baseline β moves once per optimizer step (:class:`EpsilonBetaController`).
+
+    The trainer fills ``PairBatch.perturbed_logratios`` (``policy``, ``weaker_kl``, ``stronger_kl``) from the
+    hidden states of the policy and reference forwards (:mod:`trl_refpo.perturbation`).
+    """
+
+    name = "epsilon_dpo"
+    needs_perturbation = True
+
+    def __init__(self, args):
+        super().__init__(args)
+        self.controller = EpsilonBetaController(beta=args.beta, epsilon=args.epsilon)
+
+    def __call__(self, pairs, ctx):
+        ratios = pairs.perturbed_logratios
+        if not ratios:
+            raise RuntimeError("epsilon_dpo needs perturbed log-ratios, but the trainer computed none.")
+        steps = losses.epsilon_dpo_steps(ratios["policy"], ratios["weaker_kl"], ratios["stronger_kl"])
+        pair_beta = losses.epsilon_dpo_pair_beta(self.controller.beta, self.args.epsilon, steps).to(
+            pairs.chosen_logps.dtype
+        )
+        if ctx.training:
+            self.controller.accumulate(steps)
+        ref_chosen, ref_rejected = pairs.reference()
+        per_pair = losses.sigmoid_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, pair_beta)
+        all_steps = ctx.gather(steps.float())
+        metrics = {
+            "epsilon_dpo/beta": self.controller.beta,
+            "epsilon_dpo/beta_mean": float(ctx.gather(pair_beta.detach().float()).mean()),
+            "epsilon_dpo/p_steps": float((all_steps > 0).float().mean()),
+            "epsilon_dpo/n_steps": float((all_steps < 0).float().mean()),
+        }
+        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, pair_beta, pair_beta), metrics)
+
+
 class Likelihood(Objective):
     """Reference Policies paper Eq. 15: sigmoid DPO whose reference is the prior ``p_LM(y)`` (no prompt).
 
@@ -288,7 +327,7 @@ class Typo(Objective):
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO, Typo)
+    cls.name: cls for cls in (EpsilonDPO, FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO, Typo)
 }
 """trl-refpo's own loss types. Other modules register theirs with :func:`register_objective`."""
 

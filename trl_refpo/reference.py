@@ -43,6 +43,7 @@ class ReferenceSource:
 
     needs_model = False
     trl_compatible = True
+    scores_policy_token_ids = False  # a model forward over the policy's own batch (ε-DPO can capture it)
     ref_pad_token_id: int | None = None
 
     def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
@@ -79,6 +80,7 @@ class ModelReference(ReferenceSource):
     """
 
     needs_model = True
+    scores_policy_token_ids = True
     input_keys = ("input_ids", "attention_mask", "completion_mask")  # the batch rows this source scores
 
     @staticmethod

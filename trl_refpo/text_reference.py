@@ -45,6 +45,7 @@ class TextReference(ModelReference):
     """
 
     trl_compatible = False
+    scores_policy_token_ids = False  # it scores its own re-tokenisation of the text
     input_keys = ("ref_input_ids", "ref_attention_mask", "ref_completion_mask")
 
     def __init__(self, tokenizer, prompt_mode: str = "full"):

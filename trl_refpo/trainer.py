@@ -22,6 +22,7 @@ from .config import RefPOConfig
 from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
 from .diagnostics import logp_gradient_metrics
 from .objectives import PairBatch, StepContext, build_objectives
+from .perturbation import PerturbationScorer, require_full_distribution_reference
 from .ref_cache import precompute_reference_logps
 from .reference import ColumnReference, ModelReference, completion_logps
 from .reference_setup import setup_reference
@@ -92,6 +93,9 @@ class RefPOTrainer(_TRLDPOTrainer):
         ref_model, processing_class = reference.ref_model, reference.processing_class
         # The source that scores (online, or once with precompute_ref_log_probs) and the one training reads.
         self.ref_scoring_source = self.reference_source = reference.source
+        needs_perturbation = any(objective.needs_perturbation for objective in self.objectives)
+        if needs_perturbation:
+            require_full_distribution_reference(reference.source)
         if args.precompute_ref_log_probs and reference.source.needs_model:
             self.reference_source = ColumnReference()
         # TRL's own loss code is used, unchanged, when every loss type is TRL's and the reference is TRL's.
@@ -128,6 +132,7 @@ class RefPOTrainer(_TRLDPOTrainer):
         if self.uses_pipeline:
             self._prepare_datasets_with_reference(given_ref_model)
         self.add_callback(_ControllerCallback(self))
+        self.perturbation = PerturbationScorer.for_trainer(self) if needs_perturbation else None
         self._captured_policy_logps = None
         if not self.uses_pipeline:
             self.model.register_forward_hook(self._capture_policy_logps)
@@ -247,12 +252,14 @@ class RefPOTrainer(_TRLDPOTrainer):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
         num_pairs = self._num_pairs(inputs)
-        row_logps, per_token_logps, outputs = completion_logps(
-            model, inputs["input_ids"], inputs["attention_mask"], completion_mask
-        )
+        with self._captured_hidden_states("policy"):
+            row_logps, per_token_logps, outputs = completion_logps(
+                model, inputs["input_ids"], inputs["attention_mask"], completion_mask
+            )
         shift_mask = completion_mask[:, 1:]
         lengths = shift_mask.sum(dim=1).float()
-        reference = self.reference_source(self, inputs, num_pairs)
+        with self._captured_hidden_states("reference"):
+            reference = self.reference_source(self, inputs, num_pairs)
         groups = row_logps.split(num_pairs)  # [chosen, rejected, *extra completion columns]
         pairs = PairBatch(
             chosen_logps=groups[0],
@@ -266,6 +273,8 @@ class RefPOTrainer(_TRLDPOTrainer):
         if reference is not None:
             pairs.ref_chosen_logps, pairs.ref_rejected_logps = reference.chosen, reference.rejected
             pairs.ref_chosen_lengths, pairs.ref_rejected_lengths = reference.chosen_lengths, reference.rejected_lengths
+        if self.perturbation is not None:
+            pairs.perturbed_logratios = self.perturbation.logratios(inputs, num_pairs, self.args.epsilon)
         ctx = StepContext(training=mode == "train", gather=self.accelerator.gather)
         loss_weights = self.args.loss_weights or [1.0] * len(self.objectives)
         loss = 0.0
@@ -281,6 +290,9 @@ class RefPOTrainer(_TRLDPOTrainer):
             ).items():
                 self._metrics[mode][name].append(value)
         return loss
+
+    def _captured_hidden_states(self, role: str):
+        return self.perturbation.capture(role) if self.perturbation is not None else contextlib.nullcontext()
 
     def _num_pairs(self, inputs) -> int:
         return inputs["input_ids"].size(0) // (2 + len(self.extra_completion_columns))

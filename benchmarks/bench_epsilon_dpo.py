@@ -1,0 +1,116 @@
+"""ε-DPO's cost: our ``sigmoid`` vs our ``epsilon_dpo`` vs the naive full-logits method (issue #3).
+
+    python benchmarks/bench_epsilon_dpo.py            # SmolLM2-135M's architecture (random weights), 256-token completions
+    python benchmarks/bench_epsilon_dpo.py --quick    # smoke run
+
+The three methods run the same batches round-robin in one process (median step time); peak memory is measured
+per method in a fresh subprocess (see ``common.py``). The naive method is
+:func:`trl_refpo.testing.naive_epsilon_dpo`: the policy, reference and both perturbed policies as full
+``(2B, T, V)`` logits, as in the authors' code.
+
+Targets: epsilon_dpo ≤ 1.15× the time and ≤ 1.10× the peak memory of sigmoid, and ≤ 0.5× the naive method's
+peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+sys.path.insert(0, os.path.dirname(__file__))
+
+import torch  # noqa: E402
+from common import alternate, long_preference_dataset, prepared_batches, print_table, run_memory_subprocess, step_memory  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
+from trl_refpo.testing import naive_epsilon_dpo, tiny_tokenizer  # noqa: E402
+
+METHODS = ("sigmoid", "epsilon_dpo", "naive")
+# "full" is SmolLM2-135M's architecture: 30 layers, hidden 576, vocabulary 49152, tied embeddings.
+SIZES = {
+    "full": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, prompt=32,
+                 completion=256, pairs=2, rounds=4),
+    "quick": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=32000, prompt=16,
+                  completion=64, pairs=1, rounds=2),
+}
+BETA, EPSILON = 0.1, 0.01
+
+
+class NaiveEpsilonDPOTrainer(RefPOTrainer):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _, _, losses = naive_epsilon_dpo(model, self.ref_model, inputs, self.args.beta, self.args.epsilon)
+        return losses.mean()
+
+
+def build_model(size):
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    return tokenizer, LlamaForCausalLM(config)
+
+
+def build(method, model, tokenizer, dataset, output_dir):
+    config = RefPOConfig(
+        output_dir=output_dir, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[], seed=0,
+        per_device_train_batch_size=len(dataset), beta=BETA, epsilon=EPSILON,
+        loss_type="sigmoid" if method == "sigmoid" else "epsilon_dpo",
+    )
+    trainer_class = NaiveEpsilonDPOTrainer if method == "naive" else RefPOTrainer
+    return trainer_class(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
+                         train_dataset=dataset, processing_class=tokenizer)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--memory-of")
+    cli = parser.parse_args()
+    size = SIZES["quick" if cli.quick else "full"]
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    tokenizer, model = build_model(size)
+    dataset = long_preference_dataset(4 * size["pairs"], size["prompt"], size["completion"])
+    tmp = tempfile.mkdtemp()
+
+    if cli.memory_of:
+        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp)
+        print(json.dumps(step_memory(lambda: trainer, prepared_batches(trainer, size["pairs"]), steps=2)))
+        return
+
+    trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
+    batches = prepared_batches(trainers["sigmoid"], size["pairs"])
+    times = alternate(trainers, batches, size["rounds"])
+    extra = ["--quick"] if cli.quick else []
+    memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
+
+    tokens = batches[0]["input_ids"].shape
+    print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {tuple(tokens)} "
+          f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
+          f"{torch.get_num_threads()} threads")
+    ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
+    rows = [
+        ("epsilon_dpo vs sigmoid", times["epsilon_dpo"] / times["sigmoid"],
+         ratio("epsilon_dpo", "sigmoid", "step_peak_mib"), ratio("epsilon_dpo", "sigmoid", "total_peak_mib"),
+         "≤1.15 time, ≤1.10 mem"),
+        ("epsilon_dpo vs naive", times["epsilon_dpo"] / times["naive"],
+         ratio("epsilon_dpo", "naive", "step_peak_mib"), ratio("epsilon_dpo", "naive", "total_peak_mib"),
+         "≤0.5 mem"),
+    ]
+    print_table("Ratios (median step time; peak RSS added by the steps; total process peak RSS)", rows,
+                ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"))
+    print_table("Absolute", [(n, times[n] * 1000, memory[n]["step_peak_mib"], memory[n]["total_peak_mib"])
+                             for n in METHODS], ("method", "median step ms", "step peak MiB", "total peak MiB"))
+
+
+if __name__ == "__main__":
+    main()
