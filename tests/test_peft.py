@@ -30,7 +30,7 @@ LOSS_CONFIGS = {
     "beta_dpo": dict(beta=0.5),
     "likelihood": dict(beta=0.5),  # the prior p_ref(y): the completion scored without its prompt
     "typo": dict(typo_lambda=0.5, **TYPO_GENERATION),  # reference samples
-    "epsilon_dpo": dict(beta=0.5),  # β perturbed with the reference's logits
+    "epsilon_dpo": dict(beta=0.5, epsilon=0.5),  # β steps decided with the reference's logits (large ε: clear steps)
 }
 REFERENCE_FREE = {"simpo", "typo"}
 
@@ -47,6 +47,26 @@ def sequence_logps(model, prompt_ids, completion_ids) -> float:
     targets = ids[0, 1:]
     token_logps = logprobs.gather(-1, targets[:, None])[:, 0]
     return token_logps[len(prompt_ids) - 1 :].sum().item()
+
+
+@torch.no_grad()
+def epsilon_step_fractions(policy, base, dataset, epsilon) -> tuple[float, float]:
+    """ε-DPO's step fractions (β lowered, β raised) from full logits: s, s⁻, s⁺ with the mixtures
+    ``h_θ ± ε (h_θ − h_ref)`` of the policy's and the base's logits (ALGORITHMS.md §1), computed naively."""
+    steps = []
+    for row in dataset:
+        ratios = torch.zeros(3)
+        for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+            ids = torch.tensor([list(row["prompt_ids"]) + list(row[f"{side}_ids"])])
+            h_policy, h_base = policy(input_ids=ids).logits[0, :-1].float(), base(input_ids=ids).logits[0, :-1].float()
+            mixtures = [h_policy, h_policy + epsilon * (h_policy - h_base), h_policy - epsilon * (h_policy - h_base)]
+            targets = ids[0, 1:, None]
+            start = len(row["prompt_ids"]) - 1
+            for index, logits in enumerate(mixtures):
+                ratios[index] += sign * logits.log_softmax(-1).gather(-1, targets)[start:].sum()
+        s, weaker, stronger = ratios.tolist()
+        steps.append(1 if weaker > s > stronger else -1 if stronger > s > weaker else 0)
+    return sum(step > 0 for step in steps) / len(steps), sum(step < 0 for step in steps) / len(steps)
 
 
 def base_reference_logps(base, dataset, prior: bool) -> tuple[float, float]:
@@ -106,6 +126,10 @@ def test_lora_trains_against_the_adapter_disabled_base(loss_type, tmp_path):
         with torch.no_grad():
             assert greedy_completions(policy, prompts, 5, eos) != from_base  # the test can tell them apart
 
+    if loss_type == "epsilon_dpo":  # the perturbation mixes the policy's logits with the base's, at the first step
+        expected_steps = epsilon_step_fractions(policy, base, trainer.train_dataset, args.epsilon)
+        assert sum(expected_steps) > 0  # with the adapted policy as its own reference no pair would step
+
     before = {name: parameter.detach().clone() for name, parameter in policy.named_parameters()}
     trainer.train()
     for name, parameter in policy.named_parameters():
@@ -133,6 +157,8 @@ def test_lora_trains_against_the_adapter_disabled_base(loss_type, tmp_path):
             tolerance = 1e-4
         assert logged_chosen == pytest.approx(ref_chosen, abs=tolerance), f"step {step}"
         assert logged_rejected == pytest.approx(ref_rejected, abs=tolerance), f"step {step}"
+    if loss_type == "epsilon_dpo":
+        assert (logs[0]["epsilon_dpo/p_steps"], logs[0]["epsilon_dpo/n_steps"]) == pytest.approx(expected_steps)
     # The reference is not the (adapted, trained) policy.
     assert abs(logs[0]["logps/chosen"] - ref_chosen) > 10 * tolerance
     assert abs(logs[-1]["logps/chosen"] - logs[0]["logps/chosen"]) > 10 * tolerance
