@@ -1,7 +1,7 @@
 """Main job: preference-train SmolLM2-135M-Instruct on rule-verifiable instructions, on CPU, and measure it.
 
-    python examples/main_job.py                                  # defaults (see --help), CPU
-    python examples/main_job.py --loss_type epsilon_dpo --max_steps 40
+    python examples/main_job.py                                  # alpha_dpo, 40 steps, CPU (see --help)
+    python examples/main_job.py --loss_type epsilon_dpo           # any loss_type, same data and steps
     python examples/main_job.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # with hub access
 
 The data (:mod:`trl_refpo.constraint_tasks`) are instructions whose constraint a rule checks: arithmetic
@@ -41,7 +41,7 @@ DEFAULT_MODEL = "offline:smollm2-135m-instruct"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--loss_type", default="sigmoid", choices=available_loss_types())
+    parser.add_argument("--loss_type", default="alpha_dpo", choices=available_loss_types())
     parser.add_argument("--model", default=DEFAULT_MODEL, help="offline:<name>, a local folder, a hub id, or 'tiny'")
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=4, help="preference pairs per optimizer step")

@@ -1,8 +1,8 @@
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -24,7 +24,7 @@ def test_main_job_runs_end_to_end_with_a_tiny_model(tmp_path):
         assert len(results[stage]["responses"]) == 6
     for name in ("loss.png", "constraints.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
-    assert json.loads((tmp_path / "results.json").read_text())["config"]["loss_type"] == "sigmoid"
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["loss_type"] == "alpha_dpo"
 
 
 def test_constraint_rates_score_the_dataset_replies():
@@ -39,13 +39,23 @@ def test_constraint_rates_score_the_dataset_replies():
     assert mixed["all"] == 0.25
 
 
-def test_missing_model_is_one_line_and_exit_code_2(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "main_job.py"), "--model", str(tmp_path / "no-such-model"),
-         "--output_dir", str(tmp_path / "out")],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(EXAMPLES.parent)}, timeout=300,
-    )
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "no-such-model" in lines[0]
+def test_missing_model_is_one_line_and_exit_code_2(tmp_path, capsys):
+    import main_job
+
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(SystemExit) as exit_info:
+        main_job.main(["--model", missing, "--output_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert stderr.startswith("error: ") and "\n" not in stderr and missing in stderr
+    assert not (tmp_path / "out").exists()  # stopped before any work
+
+
+def test_unknown_offline_model_is_one_line_and_exit_code_2(tmp_path, capsys):
+    import main_job
+
+    with pytest.raises(SystemExit) as exit_info:
+        main_job.main(["--model", "offline:no-such-model", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err.strip()
+    assert "\n" not in stderr and "offline:smollm2-135m-instruct" in stderr
