@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import sys
@@ -80,6 +81,9 @@ def main():
     trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     times = alternate(trainers, batches, size["rounds"])
+    print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
+    del trainers, batches  # the memory subprocesses should not compete with these models for RAM
+    gc.collect()
     extra = ["--quick"] if cli.quick else []
     memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
 

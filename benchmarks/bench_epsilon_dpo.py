@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import sys
@@ -35,7 +36,7 @@ METHODS = ("sigmoid", "epsilon_dpo", "naive")
 # "full" is SmolLM2-135M's architecture: 30 layers, hidden 576, vocabulary 49152, tied embeddings.
 SIZES = {
     "full": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, prompt=32,
-                 completion=256, pairs=2, rounds=4),
+                 completion=256, pairs=2, rounds=3),
     "quick": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=32000, prompt=16,
                   completion=64, pairs=1, rounds=2),
 }
@@ -90,11 +91,14 @@ def main():
     trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     times = alternate(trainers, batches, size["rounds"])
+    batch_shape = tuple(batches[0]["input_ids"].shape)
+    print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
+    del trainers, batches  # the memory subprocesses should not compete with these models for RAM
+    gc.collect()
     extra = ["--quick"] if cli.quick else []
     memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
 
-    tokens = batches[0]["input_ids"].shape
-    print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {tuple(tokens)} "
+    print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
           f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
           f"{torch.get_num_threads()} threads")
     ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
