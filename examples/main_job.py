@@ -99,13 +99,17 @@ def greedy_responses(model, tokenizer, tasks, max_new_tokens: int, batch_size: i
     from trl_refpo.ref_completions import eos_token_ids
 
     model.eval()
-    texts = [tokenizer.apply_chat_template(task.messages(), tokenize=False, add_generation_prompt=True) for task in tasks]
+    texts = [
+        tokenizer.apply_chat_template(task.messages(), tokenize=False, add_generation_prompt=True) for task in tasks
+    ]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     eos_ids = eos_token_ids(model, tokenizer)
     responses = []
     try:
         for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
             output = model.generate(
                 **batch.to(model.device), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_ids,
                 pad_token_id=tokenizer.pad_token_id,
@@ -129,7 +133,8 @@ def constraint_rates(tasks, responses) -> dict[str, float]:
 def ranking_accuracies(trainer) -> dict[str, float]:
     """Held-out ranking accuracies from the trainer's evaluation pass over the eval pairs."""
     metrics = trainer.evaluate()
-    return {key: metrics[f"eval_{key}"] for key in ("logps/accuracies", "rewards/accuracies") if f"eval_{key}" in metrics}
+    keys = ("logps/accuracies", "rewards/accuracies")
+    return {key: metrics[f"eval_{key}"] for key in keys if f"eval_{key}" in metrics}
 
 
 def evaluate(trainer, model, tokenizer, tasks, max_new_tokens: int, label: str) -> dict:

@@ -35,7 +35,8 @@ def test_constraint_rates_score_the_dataset_replies():
     _, tasks = constraint_splits(num_train=6, num_eval=12, seed=0)
     assert main_job.constraint_rates(tasks, [task.chosen for task in tasks])["all"] == 1.0
     assert main_job.constraint_rates(tasks, [task.rejected for task in tasks])["all"] == 0.0
-    mixed = main_job.constraint_rates(tasks, [task.chosen if i % 4 == 0 else task.rejected for i, task in enumerate(tasks)])
+    replies = [task.chosen if index % 4 == 0 else task.rejected for index, task in enumerate(tasks)]
+    mixed = main_job.constraint_rates(tasks, replies)
     assert mixed["all"] == 0.25
 
 
