@@ -45,7 +45,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=DEFAULT_MODEL, help="offline:<name>, a local folder, a hub id, or 'tiny'")
     parser.add_argument("--max_steps", type=int, default=40)
     parser.add_argument("--batch_size", type=int, default=4, help="preference pairs per optimizer step")
-    parser.add_argument("--learning_rate", type=float, default=2e-5)
+    parser.add_argument("--learning_rate", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=None, help="default: 2.5 for simpo/alpha_dpo, else 0.1")
     parser.add_argument("--num_train", type=int, default=None, help="train pairs (default: one epoch of steps)")
     parser.add_argument("--num_eval_prompts", type=int, default=48, help="held-out prompts (balanced over kinds)")
