@@ -61,9 +61,10 @@ def build_model(size):
     return tokenizer, LlamaForCausalLM(config)
 
 
-def build(method, model, tokenizer, dataset, output_dir):
+def build(method, model, tokenizer, dataset, output_dir, gradient_checkpointing):
     config = RefPOConfig(
-        output_dir=output_dir, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[], seed=0,
+        output_dir=output_dir, bf16=False, use_cpu=True, gradient_checkpointing=gradient_checkpointing, report_to=[],
+        seed=0,
         per_device_train_batch_size=len(dataset), beta=BETA, epsilon=EPSILON,
         loss_type="sigmoid" if method == "sigmoid" else "epsilon_dpo",
     )
@@ -76,6 +77,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-of")
+    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
+                        help="keep every activation (TRL's default is gradient checkpointing on)")
     cli = parser.parse_args()
     size = SIZES["quick" if cli.quick else "full"]
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -84,23 +87,23 @@ def main():
     tmp = tempfile.mkdtemp()
 
     if cli.memory_of:
-        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp)
+        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp, cli.gradient_checkpointing)
         print(json.dumps(step_memory(lambda: trainer, prepared_batches(trainer, size["pairs"]), steps=2)))
         return
 
-    trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
+    trainers = {name: build(name, model, tokenizer, dataset, tmp, cli.gradient_checkpointing) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     times = alternate(trainers, batches, size["rounds"])
     batch_shape = tuple(batches[0]["input_ids"].shape)
     print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
     del trainers, batches  # the memory subprocesses should not compete with these models for RAM
     gc.collect()
-    extra = ["--quick"] if cli.quick else []
+    extra = (["--quick"] if cli.quick else []) + ([] if cli.gradient_checkpointing else ["--no-gradient-checkpointing"])
     memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
 
     print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
           f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads; gradient checkpointing {'on' if cli.gradient_checkpointing else 'off'}")
     ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
     rows = [
         ("epsilon_dpo vs sigmoid", times["epsilon_dpo"] / times["sigmoid"],

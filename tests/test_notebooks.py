@@ -1,0 +1,150 @@
+"""Every notebook in examples/notebooks runs top to bottom with small settings; a bad model path is one clear line.
+
+The kernel is this interpreter (``sys.executable``) through a kernelspec written to a temporary folder, so the
+test does not depend on which ``python`` is first on PATH or on kernelspecs installed elsewhere (a fresh venv
+with ``ipykernel`` works the same as a system install).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import nbclient
+import nbformat
+import pytest
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "examples" / "notebooks"
+NOTEBOOKS = sorted(path.name for path in NOTEBOOK_DIR.glob("*.ipynb"))
+KERNEL_NAME = "trl-refpo-test-python"
+CELL_TIMEOUT_S = 300
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+sys.path.insert(0, str(NOTEBOOK_DIR))
+
+
+@pytest.fixture(scope="module")
+def kernel_path(tmp_path_factory):
+    """A JUPYTER_PATH folder holding one kernelspec that runs ``sys.executable -m ipykernel_launcher``."""
+    root = tmp_path_factory.mktemp("jupyter")
+    spec_dir = root / "kernels" / KERNEL_NAME
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "trl-refpo tests",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    return str(root)
+
+
+@pytest.fixture
+def notebook_env(kernel_path, tmp_path, monkeypatch):
+    """Environment the kernel inherits: small settings, outputs under tmp_path, no GUI, no hub, one thread."""
+    monkeypatch.setenv("JUPYTER_PATH", kernel_path)
+    monkeypatch.setenv("TRL_REFPO_NOTEBOOK_SMALL", "1")
+    monkeypatch.setenv("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: a second thread only adds contention
+    # the kernel imports the same trl_refpo as the tests (a worktree on PYTHONPATH, or the installed package)
+    package_root = str(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    return tmp_path
+
+
+def execute(name: str) -> nbformat.NotebookNode:
+    """Run a notebook in its own folder; on a failing cell, fail with that cell's source and error."""
+    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+    )
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as error:
+        cell = next(
+            (c for c in notebook.cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None
+        )
+        source = cell.source if cell is not None else "<unknown cell>"
+        message = ANSI_ESCAPE.sub("", str(error))
+        pytest.fail(f"{name}: a cell failed.\n--- cell ---\n{source}\n--- error ---\n{message}", pytrace=False)
+    return notebook
+
+
+def outputs_text(notebook) -> str:
+    return "\n".join(
+        output.get("text", "") or output.get("data", {}).get("text/plain", "")
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+    )
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs(name, notebook_env, capsys):
+    start = time.perf_counter()
+    notebook = execute(name)
+    with capsys.disabled():
+        print(f"\n{name}: executed in {time.perf_counter() - start:.1f}s", end="")
+    pngs = sorted(notebook_env.rglob("*.png"))
+    assert pngs, f"{name} wrote no figure under its output folder"
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in pngs)
+    if name.startswith("03_"):
+        text = outputs_text(notebook)
+        assert "Loaded the reference log-probs" in text  # the second precompute hit the cache
+
+
+def test_notebooks_are_generated_from_the_builder():
+    import build_notebooks
+
+    assert build_notebooks.main(["--check"]) == 0, "run python examples/notebooks/build_notebooks.py"
+    for name in NOTEBOOKS:
+        notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
+        assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), name
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/no/such/model/folder", "MODEL = '/no/such/model/folder': does not exist (no such folder)"),
+        ("offline:no-such-model", "Unknown offline model 'offline:no-such-model'"),
+    ],
+)
+def test_missing_model_is_one_clear_line(path, expected, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from notebook_utils import NotebookSetupError, load_model
+
+    with pytest.raises(NotebookSetupError) as raised:
+        load_model(path)
+    rendered = raised.value._render_traceback_()  # what IPython shows instead of a traceback
+    assert len(rendered) == 1 and "\n" not in rendered[0]
+    assert expected in rendered[0] and "Set MODEL to one of" in rendered[0]
+
+
+def test_folder_that_is_not_a_model_names_the_parameter(tmp_path):
+    from notebook_utils import NotebookSetupError, load_model
+
+    with pytest.raises(NotebookSetupError, match=r"^REF_MODEL = .*: is a folder without config.json: not a model"):
+        load_model(str(tmp_path), parameter="REF_MODEL")
+
+
+def test_notebook_with_missing_model_stops_with_one_line(notebook_env, monkeypatch):
+    """The user's view: the first cell that loads the model shows one line, not a traceback."""
+    monkeypatch.setenv("TRL_REFPO_NOTEBOOK_MODEL", "/no/such/model/folder")
+    notebook = nbformat.read(NOTEBOOK_DIR / NOTEBOOKS[0], as_version=4)
+    client = nbclient.NotebookClient(
+        notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
+    )
+    with pytest.raises(nbclient.exceptions.CellExecutionError):
+        client.execute()
+    errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
+    assert len(errors) == 1
+    assert errors[0].ename == "NotebookSetupError"
+    assert errors[0].traceback == [
+        "NotebookSetupError: MODEL = '/no/such/model/folder': does not exist (no such folder). Set MODEL to one of "
+        "['tiny', 'tiny-bpe', 'offline:smollm2-135m-instruct', 'offline:gemma3-270m'] or to a local model folder."
+    ]
