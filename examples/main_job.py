@@ -79,8 +79,8 @@ def load_model(name: str):
         path = resolve_model_path(name)
     except (ValueError, OfflineModelUnavailable) as error:
         raise ModelNotFound(str(error).replace("\n", " ")) from None
-    looks_local = os.path.isabs(path) or path.startswith(".") or os.sep in path.strip("/").replace("/", os.sep, 1)
-    if not os.path.isdir(path) and (looks_local or path.count("/") != 1):
+    hub_id = not path.startswith((".", "/", "~")) and path.count("/") == 1
+    if not os.path.isdir(path) and not hub_id:
         raise ModelNotFound(f"--model {name!r}: no such folder, and not a hub id (owner/name).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

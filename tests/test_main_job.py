@@ -60,3 +60,13 @@ def test_unknown_offline_model_is_one_line_and_exit_code_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     stderr = capsys.readouterr().err.strip()
     assert "\n" not in stderr and "offline:smollm2-135m-instruct" in stderr
+
+
+def test_a_hub_id_is_tried_on_the_hub_and_fails_offline_in_one_line(monkeypatch):
+    import main_job
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(main_job.ModelNotFound, match="could not be loaded"):
+        main_job.load_model("no-such-owner/no-such-model")
+    with pytest.raises(main_job.ModelNotFound, match="no such folder"):
+        main_job.load_model("./no/such/folder")
