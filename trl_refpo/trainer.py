@@ -13,6 +13,7 @@ import json
 import os
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer as _TRLDPOTrainer
@@ -23,7 +24,7 @@ from .diagnostics import logp_gradient_metrics
 from .objectives import PairBatch, StepContext, build_objectives
 from .perturbation import PerturbationScorer, require_full_distribution_reference
 from .ref_cache import precompute_reference_logps
-from .reference import ColumnReference, completion_logps
+from .reference import ColumnReference, ModelReference, completion_logps
 from .reference_setup import setup_reference
 
 STATE_FILE = "trl_refpo_state.json"
@@ -164,8 +165,20 @@ class RefPOTrainer(_TRLDPOTrainer):
         return dataset
 
     def _prepare_datasets_with_reference(self, given_ref_model):
-        """Let objectives add what only the initial weights can give (TYPO's reference samples), before training."""
-        reference_model = given_ref_model if given_ref_model is not None else self.model  # not trained yet
+        """Let objectives add what only the initial weights can give (TYPO's reference samples), before training.
+
+        The reference is the given ``ref_model``, else, for a PEFT policy, the base with the adapter disabled (or
+        TRL's "ref" adapter), as for reference log-probs; else the untrained policy itself.
+        """
+        reference_model, context = given_ref_model, contextlib.nullcontext()
+        if reference_model is None and is_peft_model(self.model):
+            reference_model, context = ModelReference.reference_context(self)
+        elif reference_model is None:
+            reference_model = self.model  # not trained yet
+        with context:
+            self._add_reference_columns(reference_model)
+
+    def _add_reference_columns(self, reference_model):
         for objective in self.objectives:
             self.train_dataset = objective.prepare_dataset_with_reference(
                 self.train_dataset, "train", self, reference_model
