@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import sys
@@ -22,7 +21,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    alternate, bench_model, long_preference_dataset, prepared_batches, print_table, run_memory_subprocess, step_memory,
+    bench_model, long_preference_dataset, prepared_batches, print_comparisons, step_memory, time_then_measure_memory,
 )
 from trl import DPOConfig as TRLDPOConfig  # noqa: E402
 from trl import DPOTrainer as TRLDPOTrainer  # noqa: E402
@@ -80,26 +79,13 @@ def main():
 
     trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
-    times = alternate(trainers, batches, size["rounds"])
-    print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
-    del trainers, batches  # the memory subprocesses should not compete with these models for RAM
-    gc.collect()
-    extra = ["--quick"] if cli.quick else []
-    memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
-
+    times, memory = time_then_measure_memory(__file__, trainers, batches, size["rounds"],
+                                             ["--quick"] if cli.quick else [])
     print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; "
           f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds")
-    rows = [("sigmoid vs TRL sigmoid", times["sigmoid"] / times["trl_sigmoid"],
-             memory["sigmoid"]["step_peak_mib"] / memory["trl_sigmoid"]["step_peak_mib"],
-             memory["sigmoid"]["total_peak_mib"] / memory["trl_sigmoid"]["total_peak_mib"], "≤1.02 time, ≤1.00 mem")]
-    for name in ["flex_dpo", "alpha_dpo", "beta_dpo", "simpo", "probability"]:
-        rows.append((f"{name} vs our sigmoid", times[name] / times["sigmoid"],
-                     memory[name]["step_peak_mib"] / memory["sigmoid"]["step_peak_mib"],
-                     memory[name]["total_peak_mib"] / memory["sigmoid"]["total_peak_mib"], f"≤{TARGETS[name]}"))
-    print_table("Ratios (median step time; peak RSS added by steps; total process peak RSS)", rows,
-                ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"))
-    print_table("Absolute", [(n, times[n] * 1000, memory[n]["step_peak_mib"], memory[n]["total_peak_mib"])
-                             for n in METHODS], ("method", "median step ms", "step peak MiB", "total peak MiB"))
+    print_comparisons(times, memory, [("sigmoid", "trl_sigmoid", "≤1.02 time, ≤1.00 mem")] + [
+        (name, "sigmoid", f"≤{TARGETS[name]}") for name in ["flex_dpo", "alpha_dpo", "beta_dpo", "simpo", "probability"]
+    ])
 
 
 if __name__ == "__main__":

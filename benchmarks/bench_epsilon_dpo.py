@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import os
 import sys
@@ -26,7 +25,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
-from common import alternate, long_preference_dataset, prepared_batches, print_table, run_memory_subprocess, step_memory  # noqa: E402
+from common import (  # noqa: E402
+    long_preference_dataset, prepared_batches, print_comparisons, step_memory, time_then_measure_memory,
+)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
@@ -93,30 +94,14 @@ def main():
 
     trainers = {name: build(name, model, tokenizer, dataset, tmp, cli.gradient_checkpointing) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
-    times = alternate(trainers, batches, size["rounds"])
     batch_shape = tuple(batches[0]["input_ids"].shape)
-    print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
-    del trainers, batches  # the memory subprocesses should not compete with these models for RAM
-    gc.collect()
     extra = (["--quick"] if cli.quick else []) + ([] if cli.gradient_checkpointing else ["--no-gradient-checkpointing"])
-    memory = {name: run_memory_subprocess(__file__, name, extra) for name in METHODS}
-
+    times, memory = time_then_measure_memory(__file__, trainers, batches, size["rounds"], extra)
     print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
           f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
           f"{torch.get_num_threads()} threads; gradient checkpointing {'on' if cli.gradient_checkpointing else 'off'}")
-    ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
-    rows = [
-        ("epsilon_dpo vs sigmoid", times["epsilon_dpo"] / times["sigmoid"],
-         ratio("epsilon_dpo", "sigmoid", "step_peak_mib"), ratio("epsilon_dpo", "sigmoid", "total_peak_mib"),
-         "≤1.15 time, ≤1.10 mem"),
-        ("epsilon_dpo vs naive", times["epsilon_dpo"] / times["naive"],
-         ratio("epsilon_dpo", "naive", "step_peak_mib"), ratio("epsilon_dpo", "naive", "total_peak_mib"),
-         "≤0.5 mem"),
-    ]
-    print_table("Ratios (median step time; peak RSS added by the steps; total process peak RSS)", rows,
-                ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"))
-    print_table("Absolute", [(n, times[n] * 1000, memory[n]["step_peak_mib"], memory[n]["total_peak_mib"])
-                             for n in METHODS], ("method", "median step ms", "step peak MiB", "total peak MiB"))
+    print_comparisons(times, memory, [("epsilon_dpo", "sigmoid", "≤1.15 time, ≤1.10 mem"),
+                                      ("epsilon_dpo", "naive", "≤0.5 mem")])
 
 
 if __name__ == "__main__":

@@ -117,3 +117,32 @@ def print_table(title: str, rows: list[tuple], headers: tuple):
     print(" | ".join("---" for _ in headers))
     for row in rows:
         print(" | ".join(f"{value:.3f}" if isinstance(value, float) else str(value) for value in row))
+
+
+def time_then_measure_memory(script: str, trainers: dict, batches: list, rounds: int, extra_args: list[str]):
+    """Median step times (methods alternating in this process), then each method's peak memory in a fresh process.
+
+    The timed trainers are dropped before the memory runs so the subprocesses do not compete with them for RAM.
+    """
+    times = alternate(trainers, batches, rounds)
+    print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
+    methods = list(trainers)
+    trainers.clear()
+    batches.clear()
+    gc.collect()
+    memory = {name: run_memory_subprocess(script, name, extra_args) for name in methods}
+    return times, memory
+
+
+def print_comparisons(times: dict, memory: dict, comparisons: list[tuple[str, str, str]]):
+    """``comparisons``: (method, baseline, target) rows of ratios, then every method's absolute numbers."""
+    rows = [
+        (f"{method} vs {baseline}", times[method] / times[baseline],
+         memory[method]["step_peak_mib"] / memory[baseline]["step_peak_mib"],
+         memory[method]["total_peak_mib"] / memory[baseline]["total_peak_mib"], target)
+        for method, baseline, target in comparisons
+    ]
+    print_table("Ratios (median step time; peak RSS added by the steps; total process peak RSS)", rows,
+                ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"))
+    print_table("Absolute", [(name, times[name] * 1000, memory[name]["step_peak_mib"], memory[name]["total_peak_mib"])
+                             for name in times], ("method", "median step ms", "step peak MiB", "total peak MiB"))
