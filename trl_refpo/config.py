@@ -212,6 +212,7 @@ class RefPOConfig(_TRLDPOConfig):
                 "sync_ref_model=True copies the policy's weights into the reference, which a reference with a "
                 "different tokenizer (ref_tokenizer_name_or_path) cannot take. Set sync_ref_model=False."
             )
+
     def _validate_epsilon_dpo(self) -> None:
         if not 0 < self.epsilon < 1:
             raise ValueError(f"epsilon (ε-DPO) must be in (0, 1), got {self.epsilon}. The paper uses 0.01.")
