@@ -1,6 +1,7 @@
 """ε-DPO's cost: our ``sigmoid`` vs our ``epsilon_dpo`` vs the naive full-logits method (issue #3).
 
     python benchmarks/bench_epsilon_dpo.py            # SmolLM2-135M's architecture (random weights), 256-token completions
+    python benchmarks/bench_epsilon_dpo.py --size long  # 4 pairs × 512-token completions, 4 layers: logits dominate memory
     python benchmarks/bench_epsilon_dpo.py --quick    # smoke run
 
 The three methods run the same batches round-robin in one process (median step time); peak memory is measured
@@ -38,6 +39,9 @@ METHODS = ("sigmoid", "epsilon_dpo", "naive")
 SIZES = {
     "full": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, prompt=32,
                  completion=256, pairs=2, rounds=3),
+    # Where the logits dominate memory: 4 pairs of 512-token completions through a 4-layer model of the same width.
+    "long": dict(hidden=576, intermediate=1536, layers=4, heads=9, kv_heads=3, vocab=49152, prompt=32,
+                 completion=512, pairs=4, rounds=1),
     "quick": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=32000, prompt=16,
                   completion=64, pairs=1, rounds=2),
 }
@@ -76,12 +80,14 @@ def build(method, model, tokenizer, dataset, output_dir, gradient_checkpointing)
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="smoke run (same as --size quick)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--memory-of")
     parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
                         help="keep every activation (TRL's default is gradient checkpointing on)")
     cli = parser.parse_args()
-    size = SIZES["quick" if cli.quick else "full"]
+    size_name = "quick" if cli.quick else cli.size
+    size = SIZES[size_name]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer, model = build_model(size)
     dataset = long_preference_dataset(4 * size["pairs"], size["prompt"], size["completion"])
@@ -95,7 +101,7 @@ def main():
     trainers = {name: build(name, model, tokenizer, dataset, tmp, cli.gradient_checkpointing) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     batch_shape = tuple(batches[0]["input_ids"].shape)
-    extra = (["--quick"] if cli.quick else []) + ([] if cli.gradient_checkpointing else ["--no-gradient-checkpointing"])
+    extra = ["--size", size_name] + ([] if cli.gradient_checkpointing else ["--no-gradient-checkpointing"])
     times, memory = time_then_measure_memory(__file__, trainers, batches, size["rounds"], extra)
     print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
           f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
