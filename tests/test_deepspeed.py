@@ -82,7 +82,10 @@ def test_zero_two_processes_match_single_process(case, zero_run, single_process)
     # optimizer step, later ones after DeepSpeed's ZeRO optimizer wrapping the same torch AdamW (measured: ≤ 3e-6 rel).
     assert len(rank0["losses"]) == len(expected["losses"]) == 3
     assert rank0["losses"] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
-    assert rank0["ref_chosen"] == pytest.approx(expected["ref_chosen"], rel=1e-4, abs=1e-5)
+    if None in expected["ref_chosen"]:  # TRL's own loss code (sigmoid) does not log the reference log-probs
+        assert rank0["ref_chosen"] == expected["ref_chosen"]
+    else:
+        assert rank0["ref_chosen"] == pytest.approx(expected["ref_chosen"], rel=1e-4, abs=1e-5)
     assert rank0["controller_state"].keys() == expected["controller_state"].keys()
     for key, state in expected["controller_state"].items():
         assert rank0["controller_state"][key] == pytest.approx(state, rel=1e-4, abs=1e-7)
