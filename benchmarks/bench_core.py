@@ -5,6 +5,11 @@
 
 Targets (issue #2): sigmoid ≤ 1.02× TRL's time and ≤ 1.00× its memory; flex_dpo / alpha_dpo / beta_dpo
 ≤ 1.02× our sigmoid; simpo / probability ≤ 0.75× (no reference forward).
+
+Our ``sigmoid`` runs TRL's own loss code and LM head; the trl-refpo types run the pipeline, whose LM head
+projects only completion positions (``trl_refpo/lm_head.py``). So the reference-free types are also compared
+with ``sigmoid_pipeline`` — sigmoid's loss through the pipeline (``flex_dpo`` with β⁺ = β⁻ = β) — where the
+only difference left is the reference forward.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
 METHODS = {
     "trl_sigmoid": None,
     "sigmoid": dict(loss_type="sigmoid"),
+    "sigmoid_pipeline": dict(loss_type="flex_dpo"),
     "flex_dpo": dict(loss_type="flex_dpo", beta_rejected=0.05),
     "alpha_dpo": dict(loss_type="alpha_dpo", beta=2.5),
     "beta_dpo": dict(loss_type="beta_dpo"),
@@ -85,6 +91,8 @@ def main():
           f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds")
     print_comparisons(times, memory, [("sigmoid", "trl_sigmoid", "≤1.02 time, ≤1.00 mem")] + [
         (name, "sigmoid", f"≤{TARGETS[name]}") for name in ["flex_dpo", "alpha_dpo", "beta_dpo", "simpo", "probability"]
+    ] + [("sigmoid_pipeline", "sigmoid", "(LM heads: pipeline vs TRL's)")] + [
+        (name, "sigmoid_pipeline", "(like for like: the reference forward)") for name in ["simpo", "probability"]
     ])
 
 

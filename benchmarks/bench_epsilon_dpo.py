@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    long_preference_dataset, prepared_batches, print_comparisons, step_memory, time_then_measure_memory,
+    enable_activation_checkpointing, long_preference_dataset, prepared_batches, print_comparisons, step_memory, time_then_measure_memory,
 )
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -41,7 +41,7 @@ SIZES = {
                  completion=256, pairs=2, rounds=3),
     # Where the logits dominate memory: 4 pairs of 512-token completions through a 4-layer model of the same width.
     "long": dict(hidden=576, intermediate=1536, layers=4, heads=9, kv_heads=3, vocab=49152, prompt=32,
-                 completion=512, pairs=4, rounds=1),
+                 completion=512, pairs=4, rounds=3),
     "quick": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=32000, prompt=16,
                   completion=64, pairs=1, rounds=2),
 }
@@ -74,8 +74,10 @@ def build(method, model, tokenizer, dataset, output_dir, gradient_checkpointing)
         loss_type="sigmoid" if method == "sigmoid" else "epsilon_dpo",
     )
     trainer_class = NaiveEpsilonDPOTrainer if method == "naive" else RefPOTrainer
-    return trainer_class(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
-                         train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_class(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
+                            train_dataset=dataset, processing_class=tokenizer)
+    enable_activation_checkpointing(trainer)
+    return trainer
 
 
 def main():

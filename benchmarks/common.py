@@ -55,6 +55,17 @@ def prepared_batches(trainer, pairs: int) -> list[dict]:
     return [trainer._prepare_inputs(batch) for batch in trainer.get_train_dataloader()]
 
 
+def enable_activation_checkpointing(trainer) -> None:
+    """Turn on activation checkpointing as ``Trainer.train`` does before its first step, if the config asks for it.
+
+    The benchmarks call ``compute_loss`` directly, so without this ``gradient_checkpointing=True`` would do nothing.
+    """
+    args = trainer.args
+    if args.activation_checkpointing:
+        kwargs = dict(args.activation_checkpointing_kwargs or {})
+        trainer.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None)
+
+
 def training_step(trainer, batch, optimizer):
     trainer.model.train()
     optimizer.zero_grad(set_to_none=True)
@@ -103,10 +114,17 @@ def step_memory(build_trainer, batches: list, steps: int) -> dict[str, float]:
     return {"step_peak_mib": (peak - before) / 2**20, "total_peak_mib": peak / 2**20}
 
 
+#: A fixed mmap threshold turns off glibc's adaptive one, which otherwise rises to the size of the largest freed
+#: block (up to 32 MiB) and keeps later blocks of that size in the heap after they are freed: peak RSS then depends
+#: on the allocation history. With it fixed, every block over 128 KiB is returned to the OS when freed, and the
+#: peak RSS follows the peak of live memory.
+MEMORY_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
 def run_memory_subprocess(script: str, method: str, extra_args: list[str] | None = None) -> dict[str, float]:
     output = subprocess.run(
         [sys.executable, script, "--memory-of", method, *(extra_args or [])],
-        check=True, capture_output=True, text=True,
+        check=True, capture_output=True, text=True, env={**os.environ, **MEMORY_RUN_ENV},
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 

@@ -3,11 +3,12 @@
 ε-DPO compares the chosen-minus-rejected log-ratio ``s`` of the policy with the same quantity under two
 mixtures of policy and reference logits, ``h⁻ = h_θ + ε·(h_θ − h_ref)`` (weaker KL) and
 ``h⁺ = h_θ − ε·(h_θ − h_ref)`` (stronger KL). Both need the full next-token distributions of policy and
-reference. TRL's fused LM head returns only per-token log-probs, so :class:`PerturbationScorer` captures the
-backbones' last hidden states during the forwards DPO already runs (a forward hook, no extra model forward)
-and re-projects them through the two LM heads under ``no_grad``, a chunk of completion positions at a time:
-the extra memory is O(chunk × V). The head's logit scale and softcap are applied exactly as TRL's fused head
-applies them, and under DeepSpeed ZeRO-3 the head weights are gathered for the projection.
+reference. The LM head DPO's forwards run through (:mod:`trl_refpo.lm_head`) returns only per-token log-probs,
+so :class:`PerturbationScorer` captures the backbones' last hidden states during those forwards (a forward
+hook, no extra model forward) and re-projects them through the two LM heads under ``no_grad``, a chunk of
+completion positions at a time: the extra memory is O(chunk × V). The head's logit scale and softcap are
+applied exactly as TRL's kernel applies them, and under DeepSpeed ZeRO-3 the head weights are gathered for
+the projection.
 """
 
 from __future__ import annotations
@@ -16,41 +17,13 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import extract_model_from_parallel, is_peft_model
 from torch import Tensor
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
+from .lm_head import LogitTransform, causal_lm_of
+
 #: Elements of one ``(positions, V)`` fp32 logit block; three such blocks are alive at a time (48 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
-
-
-@dataclass(frozen=True)
-class LogitTransform:
-    """What TRL's fused LM head does to ``hidden @ W.T + b`` (``trl.trainer.utils.add_fused_lm_head``):
-    multiply by the config's logit scale, then softcap ``c·tanh(z/c)``. TRL's DPO head uses temperature 1."""
-
-    logit_scale: float = 1.0
-    softcap: float | None = None
-
-    @classmethod
-    def from_config(cls, config) -> LogitTransform:
-        text_config = config.get_text_config()
-        scale = getattr(text_config, "logit_scale", None)
-        if scale is None:
-            scale = getattr(text_config, "output_multiplier", None)
-        if scale is None:
-            scale = getattr(text_config, "lm_head_multiplier", None)
-        if scale is None and getattr(text_config, "logits_scaling", None) is not None:
-            scaling = text_config.logits_scaling
-            scale = scaling if text_config.model_type == "hyperclovax" else 1 / scaling
-        return cls(1.0 if scale is None else float(scale), getattr(text_config, "final_logit_softcapping", None))
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        if self.logit_scale != 1.0:
-            logits = logits * self.logit_scale
-        if self.softcap is not None:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return logits
 
 
 @dataclass
@@ -63,9 +36,7 @@ class _Head:
 
     @classmethod
     def of(cls, model) -> _Head:
-        causal_lm = extract_model_from_parallel(model)
-        if is_peft_model(causal_lm):
-            causal_lm = causal_lm.get_base_model()
+        causal_lm = causal_lm_of(model)
         return cls(causal_lm.base_model, causal_lm.get_output_embeddings(), LogitTransform.from_config(causal_lm.config))
 
     @property

@@ -14,7 +14,9 @@ import torch
 from accelerate.utils import is_peft_model
 from torch import Tensor
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import FusedCausalLMOutput, use_adapter
+
+from .lm_head import completion_head_outputs
 
 
 @dataclass
@@ -25,13 +27,17 @@ class ReferenceLogps:
     rejected_lengths: Tensor | None = None
 
 
-def completion_logps(model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-row sums of completion-token log-probs through TRL's fused LM head, and the per-token values.
+def completion_logps(
+    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, entropy: bool = False
+) -> tuple[Tensor, Tensor, FusedCausalLMOutput]:
+    """Per-row sums of completion-token log-probs, the per-token values, and the head's outputs.
 
-    Returns ``(row_logps (R,), per_token_logps (R, T-1))``; ``per_token_logps`` is 0 outside the completion.
+    Returns ``(row_logps (R,), per_token_logps (R, T-1), outputs)``; ``per_token_logps`` is 0 outside the
+    completion; ``outputs.entropy`` is set when ``entropy`` is true. Only completion positions are projected
+    through the LM head (:mod:`trl_refpo.lm_head`).
     """
     labels = input_ids.masked_fill(completion_mask == 0, -100)
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True, use_cache=False)
+    outputs = completion_head_outputs(model, input_ids, attention_mask, labels, entropy=entropy)
     per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
     return per_token.sum(dim=1), per_token, outputs
 

@@ -254,7 +254,7 @@ class RefPOTrainer(_TRLDPOTrainer):
         num_pairs = self._num_pairs(inputs)
         with self._captured_hidden_states("policy"):
             row_logps, per_token_logps, outputs = completion_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], completion_mask
+                model, inputs["input_ids"], inputs["attention_mask"], completion_mask, entropy=True
             )
         shift_mask = completion_mask[:, 1:]
         lengths = shift_mask.sum(dim=1).float()
