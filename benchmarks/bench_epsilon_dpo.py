@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    enable_activation_checkpointing, long_preference_dataset, prepared_batches, print_comparisons, step_memory, time_then_measure_memory,
+    enable_activation_checkpointing, long_preference_dataset, prepared_batches, print_comparisons, step_memory,
+    time_then_measure_memory,
 )
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 

@@ -107,7 +107,9 @@ def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
                 transform.logit_scale, completion_head,
             )
         # masked_scatter keeps the output connected to the graph even when no position is a completion token
-        log_probs, entropy = (None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token[:2])
+        log_probs, entropy = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token[:2]
+        )
         return FusedCausalLMOutput(log_probs=log_probs, entropy=entropy, label_mask=mask)
 
     causal_lm.forward = types.MethodType(forward, causal_lm)
