@@ -8,6 +8,7 @@ from test_epsilon_dpo import cohere_with_logit_scale, gemma2_with_softcap
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_refpo import lm_head
+from trl_refpo.diagnostics import frozen_copy
 from trl_refpo.lm_head import add_completion_head, completion_head_outputs
 from trl_refpo.testing import tiny_llama
 
@@ -116,6 +117,16 @@ def test_a_copied_model_scores_with_its_own_weights(tokenizer):
         original, _ = plain_log_softmax(model, input_ids, attention_mask, completion_mask)
     torch.testing.assert_close(outputs.log_probs, expected, rtol=0, atol=2e-6)
     assert not torch.allclose(outputs.log_probs, original, atol=1e-3)
+
+
+def test_a_copy_that_drops_instance_forwards_gets_the_head_again(tokenizer):
+    model = tiny_llama(tokenizer)
+    add_completion_head(model)
+    snapshot = frozen_copy(model)  # the diagnostics' copy: class forward, own weights
+    input_ids, attention_mask, completion_mask, labels = padded_batch(tokenizer)
+    outputs = completion_head_outputs(snapshot, input_ids, attention_mask, labels, entropy=False)
+    expected, _ = plain_log_softmax(model, input_ids, attention_mask, completion_mask)
+    torch.testing.assert_close(outputs.log_probs, expected.detach(), rtol=0, atol=2e-6)
 
 
 def test_a_batch_without_completion_tokens_gives_a_differentiable_zero(tokenizer):

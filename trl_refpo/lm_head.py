@@ -34,7 +34,7 @@ from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 TILE_ELEMENTS = 1 << 22
 #: TRL's own vocabulary width per tile, kept where its Triton kernel folds a tile in place.
 TRITON_VOCAB_TILE = 32768
-_INSTALLED = "_trl_refpo_completion_head"
+_MARK = "_trl_refpo_completion_head"  # set on the forward function itself: a copy that drops it gets a new one
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def causal_lm_of(model):
 def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
     """Give ``model``'s forward a ``completion_head`` mode (see the module docstring). Idempotent."""
     causal_lm = causal_lm_of(model)
-    if getattr(causal_lm, _INSTALLED, False):
+    if getattr(causal_lm.forward, _MARK, False):
         return
     previous_forward = causal_lm.forward.__func__  # TRL's fused-head forward, or the class's own
     transform = LogitTransform.from_config(causal_lm.config)
@@ -112,8 +112,8 @@ def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
         )
         return FusedCausalLMOutput(log_probs=log_probs, entropy=entropy, label_mask=mask)
 
+    setattr(forward, _MARK, True)
     causal_lm.forward = types.MethodType(forward, causal_lm)
-    setattr(causal_lm, _INSTALLED, True)
 
 
 def completion_head_outputs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, entropy: bool):
