@@ -136,3 +136,22 @@ def test_gradcheck(fn):
     # test_alpha_dpo_margin_is_stop_gradient checks its analytic gradient instead.
     inputs = [(-3 * torch.rand(B, dtype=torch.float64)).requires_grad_() for _ in range(4)]
     assert torch.autograd.gradcheck(lambda *xs: fn(*xs).sum(), inputs)
+
+
+def test_label_smoothing_is_the_authors_conservative_loss():
+    """Transcriptions of α-DPO's `dpo_trainer.py` (junkangwu/alpha-DPO) and SimPO's `simpo_trainer.py` arithmetic."""
+    pc, pr, rc, rr = random_logps()
+    beta, ratio, alpha, mu, sigma, ls = 2.5, 0.6, 0.2, 0.3, 1.7, 0.1
+    pi_logratios = pc - pr
+    gap = pi_logratios - (rc - rr)
+    logits = pi_logratios - ((gap - mu) / sigma * alpha + ratio)
+    authors_alpha = -log_sigmoid(beta * logits) * (1 - ls) - log_sigmoid(-beta * logits) * ls
+    ours = losses.alpha_dpo_loss(pc, pr, rc, rr, beta, ratio, alpha, mu, sigma, label_smoothing=ls)
+    torch.testing.assert_close(ours, authors_alpha, atol=1e-10, rtol=0)
+    simpo_logits = pi_logratios - ratio
+    authors_simpo = -log_sigmoid(beta * simpo_logits) * (1 - ls) - log_sigmoid(-beta * simpo_logits) * ls
+    torch.testing.assert_close(losses.simpo_loss(pc, pr, beta, ratio, label_smoothing=ls), authors_simpo, atol=1e-10, rtol=0)
+    # ls = 0 is the plain loss, and smoothing changes it: a silently ignored setting would not.
+    plain = losses.simpo_loss(pc, pr, beta, ratio)
+    torch.testing.assert_close(losses.simpo_loss(pc, pr, beta, ratio, label_smoothing=0.0), plain)
+    assert (ours - losses.alpha_dpo_loss(pc, pr, rc, rr, beta, ratio, alpha, mu, sigma)).abs().max() > 0.05

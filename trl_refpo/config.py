@@ -7,6 +7,7 @@ model is loaded or any step is trained.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +16,43 @@ from trl import DPOConfig as _TRLDPOConfig
 from .objectives import OBJECTIVES
 from .trl_losses import TRL_LOSS_TYPES
 
+
+
+def _positive(value) -> bool:
+    return value > 0
+
+
+def _non_negative(value) -> bool:
+    return value >= 0
+
+
+def _fraction(value) -> bool:
+    return 0 <= value < 1
+
+
+# The range of every numeric setting (finiteness is checked for all float fields first): name -> (check, wording).
+NUMBER_RANGES = {
+    "beta": (_positive, "> 0"),
+    "beta_chosen": (_positive, "> 0 (or None to use beta)"),
+    "beta_rejected": (_positive, "> 0 (or None to use beta)"),
+    "epsilon": (lambda value: 0 < value < 1, "in (0, 1) (ε-DPO; the paper uses 0.01)"),
+    "alpha": (_non_negative, ">= 0 (α-DPO; alpha=0 is SimPO)"),
+    "gamma_beta_ratio": (_non_negative, ">= 0 (SimPO / α-DPO target margin γ/β)"),
+    "beta_dpo_alpha": (_non_negative, ">= 0 (β-DPO's sensitivity of β to the reward gap)"),
+    "beta_dpo_momentum": (_fraction, "in [0, 1)"),
+    "typo_lambda": (_non_negative, ">= 0"),
+    "loss_weights": (_non_negative, ">= 0 (one per loss_type)"),
+    "label_smoothing": (_fraction, "in [0, 1)"),
+    "ld_alpha": (lambda value: 0 <= value <= 1, "in [0, 1] (or None)"),
+    "discopop_tau": (_positive, "> 0"),
+    "ref_model_mixup_alpha": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "typo_generation_temperature": (_positive, "> 0"),
+    "typo_generation_top_k": (_non_negative, ">= 0"),
+    "typo_generation_top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "typo_generation_max_new_tokens": (lambda value: value >= 1, ">= 1"),
+    "typo_generation_repetition_penalty": (_positive, "> 0"),
+    "typo_generation_batch_size": (lambda value: value >= 1, ">= 1 (or None)"),
+}
 
 @dataclass
 class RefPOConfig(_TRLDPOConfig):
@@ -135,30 +173,33 @@ class RefPOConfig(_TRLDPOConfig):
             raise ValueError(f"Unknown loss_type {unknown}. Valid loss types: {valid}.")
         if not self.loss_type:
             raise ValueError(f"loss_type is empty. Choose at least one of: {valid}.")
-        if self.beta <= 0:
-            raise ValueError(f"beta must be > 0, got {self.beta}.")
-        for name in ("beta_chosen", "beta_rejected"):
-            value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 (or None to use beta), got {value}.")
-        if self.alpha < 0:
-            raise ValueError(f"alpha (α-DPO) must be >= 0, got {self.alpha}. alpha=0 is SimPO.")
-        if not 0 <= self.beta_dpo_momentum < 1:
-            raise ValueError(f"beta_dpo_momentum must be in [0, 1), got {self.beta_dpo_momentum}.")
-        if self.loss_weights is not None and any(w < 0 for w in self.loss_weights):
-            raise ValueError(f"loss_weights must be >= 0, got {self.loss_weights}.")
+        self._validate_numbers()
         if self.plugin_loss_types:
             # TRL applies these only inside its own loss code; their meaning for trl-refpo types is undefined.
             trl_only = {
                 "f_divergence_type": self.f_divergence_type != "reverse_kl",
+                "f_alpha_divergence_coef": self.f_alpha_divergence_coef != 0.5,
                 "ld_alpha": self.ld_alpha is not None,
                 "use_weighting": self.use_weighting,
+                "label_smoothing_factor": self.label_smoothing_factor != 0.0,
+                "discopop_tau": self.discopop_tau != 0.05 and "discopop" not in self.loss_type,
             }
             bad = [name for name, is_set in trl_only.items() if is_set]
             if bad:
                 raise ValueError(
                     f"{bad} apply only to TRL's own loss types, but loss_type contains {self.plugin_loss_types}. "
-                    "Unset them, or use TRL's loss types alone."
+                    "Unset them, or use TRL's loss types alone (see docs/trl_fields.md)."
+                )
+            no_smoothing = [name for name in self.plugin_loss_types if not OBJECTIVES[name].supports_label_smoothing]
+            if self.label_smoothing > 0 and no_smoothing:
+                raise ValueError(
+                    f"label_smoothing={self.label_smoothing} has no meaning for loss_type {no_smoothing} (their authors "
+                    "define none); it applies to alpha_dpo and simpo (conservative smoothing). Set label_smoothing=0."
+                )
+            if self.label_smoothing >= 0.5:
+                raise ValueError(
+                    f"label_smoothing must be in [0, 0.5) with trl-refpo loss types (the probability that a preference "
+                    f"label is flipped), got {self.label_smoothing}."
                 )
         if "typo" in self.loss_type:
             self._validate_typo()
@@ -171,6 +212,18 @@ class RefPOConfig(_TRLDPOConfig):
             raise ValueError(
                 f"sync_ref_model=True but loss_type {self.loss_type} uses no reference model. Set sync_ref_model=False."
             )
+
+    def _validate_numbers(self) -> None:
+        """Every float setting is finite (NaN / inf anywhere, lists included, is an error), and in its range."""
+        for name, value in vars(self).items():
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(item, float) and not math.isfinite(item) for item in values):
+                raise ValueError(f"{name} must be a finite number, got {value}.")
+        for name, (is_valid, expected) in NUMBER_RANGES.items():
+            value = getattr(self, name, None)
+            values = value if isinstance(value, (list, tuple)) else [value]
+            if value is not None and not all(is_valid(item) for item in values):
+                raise ValueError(f"{name} must be {expected}, got {value}.")
 
     def _validate_reference_source(self) -> None:
         if self.ref_prompt is None:
@@ -214,8 +267,6 @@ class RefPOConfig(_TRLDPOConfig):
             )
 
     def _validate_epsilon_dpo(self) -> None:
-        if not 0 < self.epsilon < 1:
-            raise ValueError(f"epsilon (ε-DPO) must be in (0, 1), got {self.epsilon}. The paper uses 0.01.")
         why = (
             "epsilon_dpo needs the reference model's full next-token distribution at every completion position "
             "(to score the perturbed policies), not only summed reference log-probs"
@@ -235,30 +286,9 @@ class RefPOConfig(_TRLDPOConfig):
     def _validate_typo(self) -> None:
         from .ref_completions import RESERVED_COLUMNS, ids_column
 
-        if self.typo_lambda < 0:
-            raise ValueError(f"typo_lambda must be >= 0, got {self.typo_lambda}.")
         column = self.typo_ref_completion_column
         taken = [*RESERVED_COLUMNS, "prompt_ids", "chosen_ids", "rejected_ids"]
         if not column or column in taken or ids_column(column) in taken:
             raise ValueError(
                 f"typo_ref_completion_column={column!r} clashes with a column TRL uses ({taken}). Rename the column."
             )
-        checks = {
-            "typo_generation_temperature": self.typo_generation_temperature > 0,
-            "typo_generation_top_k": self.typo_generation_top_k >= 0,
-            "typo_generation_top_p": 0 < self.typo_generation_top_p <= 1,
-            "typo_generation_max_new_tokens": self.typo_generation_max_new_tokens >= 1,
-            "typo_generation_repetition_penalty": self.typo_generation_repetition_penalty > 0,
-            "typo_generation_batch_size": self.typo_generation_batch_size is None or self.typo_generation_batch_size >= 1,
-        }
-        expected = {
-            "typo_generation_temperature": "> 0",
-            "typo_generation_top_k": ">= 0",
-            "typo_generation_top_p": "in (0, 1]",
-            "typo_generation_max_new_tokens": ">= 1",
-            "typo_generation_repetition_penalty": "> 0",
-            "typo_generation_batch_size": ">= 1 (or None)",
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"{name} must be {expected[name]}, got {getattr(self, name)}.")

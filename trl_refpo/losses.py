@@ -83,6 +83,16 @@ def flex_dpo_loss(
     return -F.logsigmoid(beta_chosen * chosen_logratios - beta_rejected * rejected_logratios)
 
 
+def conservative_logsigmoid_loss(logits: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """``−(1 − ls)·log σ(x) − ls·log σ(−x)``: the conservative DPO loss (Mitchell, 2023, "A note on DPO with noisy
+    preferences") with ``ls`` the probability that a label is flipped, as the SimPO and α-DPO authors' code applies
+    ``label_smoothing``; ``ls = 0`` is ``−log σ(x)``."""
+    loss = -F.logsigmoid(logits)
+    if label_smoothing:
+        loss = (1 - label_smoothing) * loss - label_smoothing * F.logsigmoid(-logits)
+    return loss
+
+
 def alpha_dpo_z(gap: Tensor, mu: Scalar, sigma: Scalar, eps: float = 1e-8) -> Tensor:
     """α-DPO's z-normalised gap ``z = (g − μ)/σ``; ``z := 0`` where σ ≈ 0 (a guard the authors' code lacks)."""
     sigma = torch.as_tensor(sigma, dtype=gap.dtype, device=gap.device)
@@ -101,6 +111,7 @@ def alpha_dpo_loss(
     alpha: float,
     mu: Scalar,
     sigma: Scalar,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """α-DPO (Wu et al., 2025, "α-DPO: Adaptive Reward Margin", Eq. 12 as in the authors' code).
 
@@ -112,12 +123,13 @@ def alpha_dpo_loss(
 
     The paper's Eq. 12 writes the margin as ``γ + α·M*`` outside the β factor; the authors' code
     multiplies ``α·z`` by β, which is what this function (and ALGORITHMS.md §4) follows.
-    ``alpha=0`` is exactly :func:`simpo_loss`.
+    ``alpha=0`` is exactly :func:`simpo_loss`. ``label_smoothing`` > 0 gives the conservative loss of the authors'
+    code (:func:`conservative_logsigmoid_loss` of ``β·(u − margin)``).
     """
     policy_margin = policy_chosen_logps - policy_rejected_logps
     gap = policy_margin - (ref_chosen_logps - ref_rejected_logps)
     margin = (gamma_beta_ratio + alpha * alpha_dpo_z(gap, mu, sigma)).detach()
-    return -F.logsigmoid(beta * (policy_margin - margin))
+    return conservative_logsigmoid_loss(beta * (policy_margin - margin), label_smoothing)
 
 
 def simpo_loss(
@@ -125,12 +137,15 @@ def simpo_loss(
     policy_rejected_logps: Tensor,
     beta: Scalar,
     gamma_beta_ratio: float,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """SimPO (Meng et al., 2024, Eq. 6): ``−log σ(β·(ln_θ(y_w) − ln_θ(y_l)) − γ)`` with ``γ = β·gamma_beta_ratio``.
 
     Reference-free; it is α-DPO with α = 0. Pass length-normalised log-probs for the paper's loss.
+    ``label_smoothing`` > 0: the conservative loss, as the authors' ``simpo_trainer.py`` applies it.
     """
-    return -F.logsigmoid(beta * (policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio))
+    logits = beta * (policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio)
+    return conservative_logsigmoid_loss(logits, label_smoothing)
 
 
 def probability_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, beta: Scalar) -> Tensor:

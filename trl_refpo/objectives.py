@@ -68,6 +68,7 @@ class Objective:
     name: ClassVar[str]
     needs_reference: ClassVar[bool] = True
     needs_perturbation: ClassVar[bool] = False  # ε-DPO: perturbed log-ratios from hidden states
+    supports_label_smoothing: ClassVar[bool] = False  # the authors' code applies conservative label smoothing
     samples_from_reference: bool = False  # uses the reference model before training (TYPO's generation)
     controller: Controller | None = None
 
@@ -165,16 +166,18 @@ class _LengthNormalised(Objective):
 class SimPO(_LengthNormalised):
     name = "simpo"
     needs_reference = False
+    supports_label_smoothing = True
 
     def __call__(self, pairs, ctx):
         chosen, rejected = self.policy_terms(pairs)
         beta = self.args.beta
-        per_pair = losses.simpo_loss(chosen, rejected, beta, self.args.gamma_beta_ratio)
+        per_pair = losses.simpo_loss(chosen, rejected, beta, self.args.gamma_beta_ratio, self.args.label_smoothing)
         return ObjectiveOutput(per_pair, (beta * chosen).detach(), (beta * rejected).detach())
 
 
 class AlphaDPO(_LengthNormalised):
     name = "alpha_dpo"
+    supports_label_smoothing = True
 
     def __init__(self, args):
         super().__init__(args)
@@ -196,7 +199,7 @@ class AlphaDPO(_LengthNormalised):
         beta = self.args.beta
         per_pair = losses.alpha_dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha,
-            moments.mu, moments.sigma,
+            moments.mu, moments.sigma, self.args.label_smoothing,
         )
         margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, moments.mu, moments.sigma)
         metrics = {
