@@ -10,10 +10,12 @@ differently (another tokenizer, or the prompt removed) gets its own ``ref_input_
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from datasets import Dataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
@@ -87,3 +89,28 @@ class RefPODataCollator(DataCollatorForPreference):
             "attention_mask": padded([[1] * len(ids) for ids in input_ids], 0, torch.long),
             "completion_mask": padded(completion_mask, 0, torch.long),
         }
+
+
+def require_rows(dataset, name: str) -> None:
+    """An empty map-style dataset is an error naming it (TRL would stop with a bare StopIteration)."""
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError(f"The {name} dataset is empty: it has no preference pairs. Pass a dataset with rows.")
+
+
+def report_dropped_rows(dataset, rows_before: int | None, args, name: str) -> None:
+    """Say how many rows TRL's preparation dropped for ``max_length`` (prompts that leave no completion token)."""
+    if rows_before is None or not isinstance(dataset, Dataset) or len(dataset) == rows_before:
+        return
+    why = (
+        f"their prompt alone has max_length={args.max_length} tokens or more, so truncation_mode="
+        f"'{args.truncation_mode}' would keep no completion token"
+    )
+    if len(dataset) == 0:
+        raise ValueError(
+            f"All {rows_before} rows of the {name} dataset were dropped: {why}. Raise max_length (or set it to None)."
+        )
+    warnings.warn(
+        f"Dropped {rows_before - len(dataset)} of {rows_before} rows of the {name} dataset: {why}. Raise max_length "
+        "to keep them.",
+        stacklevel=3,
+    )

@@ -12,17 +12,24 @@ settings and the precision. A run with the same key loads the file and runs no r
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import logging
 import os
+import socket
+import tempfile
+import time
+import warnings
 
 import pyarrow as pa
 import torch
 from accelerate.utils import broadcast_object_list, tqdm
 from datasets import Dataset, Features, IterableDataset, Value, concatenate_datasets
 from datasets.fingerprint import Hasher
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
 from trl.models import prepare_deepspeed
 
@@ -32,7 +39,7 @@ from .text_reference import TextReference
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the file stores its key and a checksum
 SCORED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", *REF_ID_COLUMNS)
 
 
@@ -41,19 +48,19 @@ def precompute_reference_logps(trainer, dataset, name: str, batch_size: int):
     source = trainer.ref_scoring_source
     if isinstance(source, NoReference):
         return dataset
-    present = [column for column in ("ref_chosen_logps", "ref_rejected_logps") if column in dataset.column_names]
     if isinstance(source, ColumnReference):  # supplied by the user: used as-is
-        if len(present) < 2:
+        if not all(column in _column_names(dataset) for column in ("ref_chosen_logps", "ref_rejected_logps")):
             raise ValueError(
                 f"The {name} dataset lacks the reference log-prob columns ref_chosen_logps / ref_rejected_logps that "
                 "the train dataset supplies, and no reference model is loaded to score it. Add the columns."
             )
         return dataset
-    if isinstance(dataset, IterableDataset):
+    if isinstance(dataset, IterableDataset):  # TRL's wording (its tests check it)
         raise ValueError(
-            "precompute_ref_log_probs=True needs a map-style Dataset, got an IterableDataset. Use a Dataset or set "
-            "precompute_ref_log_probs=False."
+            "`precompute_ref_log_probs=True` is not supported with IterableDataset. Please use a map-style "
+            "Dataset or set `precompute_ref_log_probs=False`."
         )
+    present = [column for column in ("ref_chosen_logps", "ref_rejected_logps") if column in dataset.column_names]
     if present:
         raise ValueError(
             f"The {name} dataset already has {present}, but the reference is a model that would score it. Drop the "
@@ -61,28 +68,141 @@ def precompute_reference_logps(trainer, dataset, name: str, batch_size: int):
         )
 
     args = trainer.args
-    cache_file = None
+    cache = None
     if args.ref_logps_cache_dir is not None:
         key_parts = cache_key_parts(trainer, source, dataset)
         key = [Hasher.hash(key_parts)]
         broadcast_object_list(key, from_process=0)  # rank-dependent inputs (sharded weights) → one shared file
-        cache_file = os.path.join(args.ref_logps_cache_dir, f"ref_logps-{key[0]}.safetensors")
-        if os.path.exists(cache_file):
+        cache = RefLogpsCache(args.ref_logps_cache_dir, key[0], json.dumps(key_parts, default=str))
+        values = cache.load(len(dataset), trainer.accelerator)
+        if values is not None:
             logger.info(
-                "Loaded the reference log-probs of the %s dataset from the cache %s: no reference forward.", name, cache_file
+                "Loaded the reference log-probs of the %s dataset from the cache %s: no reference forward.", name, cache.file
             )
-            return _with_columns(dataset, load_file(cache_file))
+            return _with_columns(dataset, values)
+        cache.check_writable()  # before scoring, so that a bad folder costs nothing
 
     values = _score(trainer, source, dataset, name, batch_size)
-    if cache_file is not None:
+    if cache is not None:
         if trainer.accelerator.is_main_process:
-            os.makedirs(args.ref_logps_cache_dir, exist_ok=True)
-            partial = cache_file + f".{os.getpid()}.tmp"
-            save_file(values, partial, metadata={"key": json.dumps(key_parts, default=str)})
-            os.replace(partial, cache_file)
-            logger.info("Cached the reference log-probs of the %s dataset in %s.", name, cache_file)
+            cache.save(values, name)
         trainer.accelerator.wait_for_everyone()
     return _with_columns(dataset, values)
+
+
+def _column_names(dataset) -> list[str]:
+    names = dataset.column_names
+    return list(names) if names is not None else list(next(iter(dataset)))
+
+
+class RefLogpsCache:
+    """One cache file ``<folder>/ref_logps-<key>.safetensors``, holding the stored key and a checksum of its values.
+
+    A file that cannot be read, whose key or checksum does not match, or whose values are not finite or not one per
+    row is reported (a warning naming it), rescored and replaced. Writes go to a temporary file, fsynced, then renamed
+    over the cache file; temporary files left by a killed writer are removed.
+    """
+
+    def __init__(self, folder: str, key: str, key_text: str):
+        self.folder, self.key, self.key_text = folder, key, key_text
+        self.file = os.path.join(folder, f"ref_logps-{key}.safetensors")
+        self._remove_stale_temporary_files()
+
+    def load(self, num_rows: int, accelerator) -> dict[str, torch.Tensor] | None:
+        values, problem = self._read(num_rows) if os.path.exists(self.file) else (None, None)
+        main_verdict = [values is not None]
+        broadcast_object_list(main_verdict, from_process=0)  # every process scores, or none does
+        if problem is not None and accelerator.is_main_process:
+            warnings.warn(
+                f"The reference log-prob cache file {self.file} is unusable ({problem}): the reference log-probs are "
+                "rescored and the file replaced.",
+                stacklevel=4,
+            )
+        if main_verdict[0] and values is None:
+            raise RuntimeError(f"The cache file {self.file} reads on the main process but not here ({problem}).")
+        return values if main_verdict[0] else None
+
+    def _read(self, num_rows: int) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+        try:
+            with safe_open(self.file, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                values = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # noqa: BLE001 — truncated, empty or garbage: any failure to parse
+            return None, f"unreadable: {type(error).__name__}: {error}"
+        if metadata.get("key") != self.key_text:
+            return None, "its stored key differs from this run's"
+        if sorted(values) != sorted(FLOAT_COLUMNS) or any(v.shape != (num_rows,) for v in values.values()):
+            shapes = {name: tuple(value.shape) for name, value in values.items()}
+            return None, f"expected columns {list(FLOAT_COLUMNS)} with {num_rows} rows each, found {shapes}"
+        if metadata.get("sha256") != values_checksum(values):
+            return None, "checksum mismatch"
+        non_finite = [name for name, value in values.items() if not torch.isfinite(value).all()]
+        if non_finite:
+            return None, f"non-finite values in {non_finite}"
+        return values, None
+
+    def check_writable(self) -> None:
+        try:
+            os.makedirs(self.folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.folder, prefix=".write-check-"):
+                pass
+        except OSError as error:
+            raise ValueError(
+                f"ref_logps_cache_dir={self.folder!r} is not a writable folder ({error}). Choose another folder or "
+                "unset ref_logps_cache_dir."
+            ) from error
+
+    def save(self, values: dict[str, torch.Tensor], name: str) -> None:
+        metadata = {"key": self.key_text, "sha256": values_checksum(values)}
+        partial = f"{self.file}.{socket.gethostname()}.{os.getpid()}.tmp"
+        try:
+            payload = safetensors_bytes(values, metadata=metadata)
+            with open(partial, "wb") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, self.file)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+            warnings.warn(
+                f"Could not write the reference log-prob cache file {self.file} ({error}). The {name} dataset's "
+                "reference log-probs are kept in memory for this run; the next run scores them again.",
+                stacklevel=3,
+            )
+            return
+        logger.info("Cached the reference log-probs of the %s dataset in %s.", name, self.file)
+
+    def _remove_stale_temporary_files(self) -> None:
+        """Remove ``*.tmp`` files of writers that died: same host and no such process, or a day old."""
+        host = socket.gethostname()
+        for path in glob.glob(os.path.join(glob.escape(self.folder), "ref_logps-*.tmp")):
+            writer_host, _, pid = path[: -len(".tmp")].partition(".safetensors.")[2].rpartition(".")
+            with contextlib.suppress(OSError):
+                stale = time.time() - os.path.getmtime(path) > 24 * 3600
+                if writer_host == host and pid.isdigit() and not _process_alive(int(pid)):
+                    stale = True
+                if stale:
+                    os.remove(path)
+                    logger.info("Removed the stale temporary cache file %s.", path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def values_checksum(values: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(values):
+        digest.update(name.encode())
+        digest.update(values[name].float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def cache_key_parts(trainer, source, dataset) -> dict:

@@ -121,11 +121,11 @@ def tokenize_completion_column(dataset, processing_class, column: str, dataset_n
     def tokenize(example, index):
         completion = example[column]
         conversational = is_conversational(example)
-        if conversational != isinstance(completion, list):
+        if not isinstance(completion, list if conversational else str):
             kind = "a list of messages" if conversational else "a string"
             raise ValueError(
-                f"Column {column!r} of the {dataset_name} dataset must be {kind} like 'chosen' and 'rejected' "
-                f"(example {index} has {type(completion).__name__})."
+                f"Column {column!r} of the {dataset_name} dataset must be {kind} like 'chosen' and 'rejected', but row "
+                f"{index} has {completion!r} ({type(completion).__name__})."
             )
         if conversational:
             tools = example.get("tools")

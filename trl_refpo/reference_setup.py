@@ -26,11 +26,15 @@ import logging
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
+import pyarrow as pa
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from transformers import AutoProcessor, AutoTokenizer
 from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
+from .data import FLOAT_COLUMNS
 from .objectives import OBJECTIVES
 from .offline_models import resolve_model_path
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
@@ -68,6 +72,8 @@ def setup_reference(
 
     if _has_supplied_columns(train_dataset, "train"):
         _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer)
+        for name, dataset in [("train", train_dataset), *_named(eval_dataset)]:
+            check_supplied_values(dataset, name)
         return ReferenceSetup(ColumnReference(), None, processing_class)
     for name, dataset in _named(eval_dataset):
         if _has_supplied_columns(dataset, name):
@@ -106,7 +112,7 @@ def setup_reference(
         logger.info("The reference tokenizer agrees with the policy's: the reference scores the policy's token ids.")
         ref_tokenizer = None
     elif ref_tokenizer is None and ref_model is not None:
-        _check_same_tokenizer(ref_model, policy_tokenizer, first_example)
+        _check_same_tokenizer(ref_model, policy_tokenizer, first_example, _num_embeddings(model))
 
     if ref_tokenizer is not None:
         if args.sync_ref_model:
@@ -205,6 +211,31 @@ def _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer) -> Non
         logger.info("Supplied reference log-prob columns are used as-is; ref_prompt='none' does not re-score them.")
 
 
+def check_supplied_values(dataset, name: str) -> None:
+    """Supplied reference columns hold finite numbers; else one line naming the column and the first bad row.
+
+    Map-style datasets are checked whole; an ``IterableDataset`` (not readable before training) is not.
+    """
+    if not isinstance(dataset, Dataset):
+        return
+    columns = [column for column in FLOAT_COLUMNS if column in dataset.column_names]
+    table = dataset.select_columns(columns).with_format("arrow")[:]
+    for column in columns:
+        values = table.column(column)
+        if pa.types.is_floating(values.type) or pa.types.is_integer(values.type):
+            numbers = values.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
+            bad = np.flatnonzero(~np.isfinite(numbers))
+            if not len(bad):
+                continue
+            row = int(bad[0])
+        else:
+            row = 0
+        raise ValueError(
+            f"Column {column!r} of the {name} dataset must hold finite numbers (reference log-probs), but row {row} "
+            f"has {values[row].as_py()!r} ({values.type}). Fix or drop that row."
+        )
+
+
 # ---------------------------------------------------------------------------------------------- models / tokenizers
 def _load_reference_model(args, model):
     kwargs = dict(args.ref_model_init_kwargs or {})
@@ -229,7 +260,13 @@ def _known_tokenizer(ref_model):
         return None
 
 
-def _check_same_tokenizer(ref_model, policy_tokenizer, example) -> None:
+def _num_embeddings(model) -> int | None:
+    if isinstance(model, str) or not hasattr(model, "get_input_embeddings"):
+        return None
+    return getattr(model.get_input_embeddings(), "num_embeddings", None)
+
+
+def _check_same_tokenizer(ref_model, policy_tokenizer, example, policy_num_embeddings: int | None = None) -> None:
     known = _known_tokenizer(ref_model)
     if known is not None and not tokenizers_agree(policy_tokenizer, known, example):
         raise ValueError(
@@ -237,14 +274,21 @@ def _check_same_tokenizer(ref_model, policy_tokenizer, example) -> None:
             f"tokens or how they tokenise the data), so the reference cannot score the policy's token ids. "
             f"{CROSS_TOKENIZER_HINT}"
         )
-    embeddings = ref_model.get_input_embeddings()
-    num_embeddings = getattr(embeddings, "num_embeddings", None)
+    num_embeddings = _num_embeddings(ref_model)
     if num_embeddings is not None and num_embeddings < len(policy_tokenizer):
         raise ValueError(
             f"The reference model has {num_embeddings} token embeddings but the policy's tokenizer has "
             f"{len(policy_tokenizer)} tokens: they do not share a tokenizer. {CROSS_TOKENIZER_HINT}"
         )
-    if known is None:
+    policy_count = policy_num_embeddings or len(policy_tokenizer)
+    if known is None and num_embeddings is not None and num_embeddings != policy_count:
+        warnings.warn(
+            f"The reference model has {num_embeddings} token embeddings and the policy {policy_count}, and no tokenizer "
+            "is saved with the reference: it is assumed to share the policy's tokenizer (padded embeddings). If it "
+            f"tokenises differently, its log-probs are wrong. {CROSS_TOKENIZER_HINT}",
+            stacklevel=4,
+        )
+    elif known is None:
         logger.info(
             "No tokenizer is saved with the reference model; assuming it shares the policy's tokenizer. "
             + CROSS_TOKENIZER_HINT

@@ -14,12 +14,13 @@ import os
 
 import torch
 from accelerate.utils import is_peft_model
+from datasets import Dataset
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer as _TRLDPOTrainer
 
 from .config import RefPOConfig
-from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
+from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator, report_dropped_rows, require_rows
 from .diagnostics import logp_gradient_metrics
 from .objectives import PairBatch, StepContext, build_objectives
 from .perturbation import PerturbationScorer, require_full_distribution_reference
@@ -85,6 +86,7 @@ class RefPOTrainer(_TRLDPOTrainer):
                 f"args must be a trl_refpo.RefPOConfig (or trl_refpo.DPOConfig), got {type(args).__module__}."
                 f"{type(args).__name__}. Replace `from trl import DPOConfig` with `from trl_refpo import DPOConfig`."
             )
+        require_rows(train_dataset, "train")
         self.objectives = build_objectives(args)
         given_ref_model = ref_model  # TYPO may sample from it before training even when it is not kept
         reference = setup_reference(
@@ -158,7 +160,10 @@ class RefPOTrainer(_TRLDPOTrainer):
             self.precompute_ref_logps = isinstance(self.ref_scoring_source, ColumnReference)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        require_rows(dataset, dataset_name)
+        rows_before = len(dataset) if isinstance(dataset, Dataset) else None
         dataset = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        report_dropped_rows(dataset, rows_before, args, dataset_name)
         if self.uses_pipeline:
             for component in (self.ref_scoring_source, *self.objectives):
                 dataset = component.prepare_dataset(dataset, processing_class, args, dataset_name)

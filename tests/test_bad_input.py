@@ -1,0 +1,255 @@
+"""Bad data, references and cache files: each stops with one line naming what to fix, or is recovered from.
+
+Numbers refer to the cases of issue 11 (config cases 1–2 are in test_config.py / test_losses.py).
+"""
+
+import copy
+import errno
+import math
+import os
+import socket
+import subprocess
+import time
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_args
+from datasets import Dataset, IterableDataset
+from safetensors.torch import save_file
+
+from trl_refpo import RefPOTrainer, losses, ref_cache
+from trl_refpo.objectives import OBJECTIVES, PairBatch, StepContext
+from trl_refpo.testing import tiny_llama, toy_preference_dataset
+
+COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")
+
+
+def build(model, tokenizer, dataset, tmp_path, eval_dataset=None, ref_model=None, **config):
+    return RefPOTrainer(
+        model=copy.deepcopy(model), ref_model=ref_model, args=tiny_args(tmp_path, **config), train_dataset=dataset,
+        eval_dataset=eval_dataset, processing_class=tokenizer,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- 2. label smoothing
+@pytest.mark.parametrize("loss_type", ["alpha_dpo", "simpo"])
+def test_label_smoothing_reaches_the_loss(loss_type, tmp_path):
+    torch.manual_seed(0)
+    chosen, rejected, ref_chosen, ref_rejected = (-10 * torch.rand(6, dtype=torch.float64) for _ in range(4))
+    lengths = torch.full((6,), 5.0, dtype=torch.float64)
+    pairs = PairBatch(
+        chosen, rejected, lengths, lengths, torch.zeros(6, 3), torch.ones(6, 3),
+        ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+    )
+    ctx = StepContext(training=False, gather=lambda tensor: tensor)
+    args = tiny_args(tmp_path, loss_type=loss_type, beta=2.5, label_smoothing=0.1)
+    smoothed = OBJECTIVES[loss_type](args)(pairs, ctx).losses
+    logits = 2.5 * ((chosen - rejected) / 5 - 0.6)  # σ = 0 before any training step: z := 0 for α-DPO
+    expected = -(0.9 * torch.nn.functional.logsigmoid(logits) + 0.1 * torch.nn.functional.logsigmoid(-logits))
+    torch.testing.assert_close(smoothed, expected)
+    assert not torch.allclose(smoothed, losses.simpo_loss(chosen / 5, rejected / 5, 2.5, 0.6))
+
+
+# ---------------------------------------------------------------------------------------------- 3. supplied columns
+@pytest.mark.parametrize(
+    "chosen, message",
+    [
+        ([-1.0, -2.0, math.nan, -1.0], "row 2 has nan"),
+        ([-1.0, math.inf, -2.0, -1.0], "row 1 has inf"),
+        ([-1.0, -2.0, -3.0, None], "row 3 has None"),
+        (["-1", "a", "b", "c"], "row 0 has '-1' \\(string\\)"),
+    ],
+)
+def test_supplied_reference_columns_must_be_finite_numbers(chosen, message, model, tokenizer, tmp_path):
+    dataset = toy_preference_dataset(4).add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", [-1.0] * 4)
+    with pytest.raises(ValueError, match=f"Column 'ref_chosen_logps' of the train dataset must hold finite numbers.*{message}"):
+        build(model, tokenizer, dataset, tmp_path, loss_type="sigmoid")
+    good = dataset.remove_columns("ref_chosen_logps").add_column("ref_chosen_logps", [-1.0] * 4)
+    bad_eval = good.remove_columns("ref_rejected_logps").add_column("ref_rejected_logps", chosen)
+    with pytest.raises(ValueError, match=f"Column 'ref_rejected_logps' of the eval dataset.*{message}"):
+        build(model, tokenizer, good, tmp_path, eval_dataset=bad_eval, loss_type="alpha_dpo")
+
+
+# ---------------------------------------------------------------------------------------------- 4. TYPO column
+@pytest.mark.parametrize("values, shown", [([" a b", None, " c", " d"], "row 1 has None"), ([1, 2, 3, 4], "row 0 has 1")])
+def test_typo_reference_completion_column_names_the_bad_row(values, shown, model, tokenizer, tmp_path):
+    dataset = toy_preference_dataset(4).add_column("ref_completion", values)
+    with pytest.raises(ValueError, match=f"Column 'ref_completion' of the train dataset must be a string.*{shown}"):
+        build(model, tokenizer, dataset, tmp_path, loss_type="typo")
+
+
+# ---------------------------------------------------------------------------------------------- 5. rows TRL drops
+def test_rows_dropped_for_max_length_are_counted_and_an_empty_result_fails(model, tokenizer, tmp_path):
+    dataset = toy_preference_dataset(16)
+    prompt_lengths = [len(tokenizer(row["prompt"])["input_ids"]) for row in dataset]
+    max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]
+    dropped = sum(length >= max_length for length in prompt_lengths)
+    assert 0 < dropped < 16
+    with pytest.warns(UserWarning, match=f"Dropped {dropped} of 16 rows of the train dataset.*max_length={max_length}"):
+        trainer = build(model, tokenizer, dataset, tmp_path, loss_type="alpha_dpo", max_length=max_length)
+    assert len(trainer.train_dataset) == 16 - dropped
+    long_prompts = dataset.map(lambda row: {"prompt": "copy : a b " * 10 + row["prompt"]})
+    with pytest.raises(ValueError, match=f"All 16 rows of the eval dataset were dropped.*max_length={max(prompt_lengths) + 1}"):
+        build(model, tokenizer, dataset, tmp_path, eval_dataset=long_prompts, max_length=max(prompt_lengths) + 1)
+
+
+def test_empty_datasets_fail_naming_the_dataset(model, tokenizer, tmp_path):
+    empty = toy_preference_dataset(4).select([])
+    with pytest.raises(ValueError, match="The train dataset is empty"):
+        build(model, tokenizer, empty, tmp_path)
+    with pytest.raises(ValueError, match="The eval dataset is empty"):
+        build(model, tokenizer, toy_preference_dataset(4), tmp_path, eval_dataset=empty, loss_type="simpo")
+
+
+# ---------------------------------------------------------------------------------------------- 6. streaming + precompute
+def test_precompute_with_an_iterable_dataset_fails_as_in_trl_before_scoring(model, tokenizer, tmp_path):
+    rows = list(toy_preference_dataset(8))
+    streaming = IterableDataset.from_generator(lambda: iter(rows))
+    ref_model = tiny_llama(tokenizer, seed=1)
+    calls = []
+    ref_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with pytest.raises(ValueError, match="not supported with IterableDataset"):
+        build(model, tokenizer, streaming, tmp_path, ref_model=ref_model, precompute_ref_log_probs=True, max_steps=1)
+    assert not calls
+
+
+# ---------------------------------------------------------------------------------------------- 7. ref_model vocab
+def test_in_memory_reference_with_other_embedding_count_warns_how_to_declare_its_tokenizer(model, tokenizer, tmp_path):
+    padded = tiny_llama(tokenizer, seed=1, vocab_size=len(tokenizer) + 8)
+    with pytest.warns(UserWarning, match=f"{len(tokenizer) + 8} token embeddings and the policy {len(tokenizer)}.*ref_tokenizer="):
+        build(model, tokenizer, toy_preference_dataset(4), tmp_path, ref_model=padded)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*token embeddings.*")
+        build(model, tokenizer, toy_preference_dataset(4), tmp_path, ref_model=tiny_llama(tokenizer, seed=1))
+
+
+# ---------------------------------------------------------------------------------------------- 8–10. the cache
+class ScoringCounter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1
+
+
+def cached(model, tokenizer, tmp_path, cache_dir, ref_model):
+    counter = ScoringCounter(ref_model)
+    trainer = build(
+        model, tokenizer, toy_preference_dataset(8), tmp_path, ref_model=ref_model, loss_type="sigmoid",
+        precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache_dir), max_steps=1,
+    )
+    return trainer, counter.calls
+
+
+def columns_of(trainer):
+    return {column: torch.tensor(trainer.train_dataset[column]) for column in COLUMNS}
+
+
+def corrupt(path, how):
+    data = open(path, "rb").read()
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "empty":
+        data = b""
+    elif how == "garbage":
+        data = os.urandom(len(data))
+    elif how == "flipped payload byte":
+        data = data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:]
+    open(path, "wb").write(data)
+
+
+@pytest.mark.parametrize(
+    "how, reason",
+    [
+        ("truncated", "unreadable"),
+        ("empty", "unreadable"),
+        ("garbage", "unreadable"),
+        ("flipped payload byte", "checksum mismatch"),
+        ("nan values", "non-finite values"),
+        ("other key", "its stored key differs"),
+    ],
+)
+def test_a_bad_cache_file_is_reported_rescored_and_replaced(how, reason, model, tokenizer, tmp_path):
+    ref_model = tiny_llama(tokenizer, seed=1)
+    fresh, calls = cached(model, tokenizer, tmp_path, tmp_path / "cache", ref_model)
+    assert calls > 0
+    (path,) = (tmp_path / "cache").iterdir()
+    if how in ("nan values", "other key"):
+        with ref_cache.safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            metadata = handle.metadata()
+        if how == "nan values":
+            tensors["ref_chosen_logps"][3] = math.nan
+            metadata["sha256"] = ref_cache.values_checksum(tensors)
+        else:
+            metadata["key"] = metadata["key"].replace("fp32", "bf16")
+        save_file(tensors, str(path), metadata=metadata)
+    else:
+        corrupt(path, how)
+    with pytest.warns(UserWarning, match=f"cache file {path} is unusable \\({reason}"):
+        rescored, calls = cached(model, tokenizer, tmp_path, tmp_path / "cache", ref_model)
+    assert calls > 0
+    for column, value in columns_of(fresh).items():
+        torch.testing.assert_close(columns_of(rescored)[column], value, rtol=0, atol=0)
+    reloaded, calls = cached(model, tokenizer, tmp_path, tmp_path / "cache", ref_model)  # the file was replaced
+    assert calls == 0 and os.listdir(tmp_path / "cache") == [path.name]
+    torch.testing.assert_close(columns_of(reloaded)["ref_chosen_logps"], columns_of(fresh)["ref_chosen_logps"])
+
+
+def test_unwritable_cache_folder_fails_before_scoring(model, tokenizer, tmp_path):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    ref_model = tiny_llama(tokenizer, seed=1)
+    counter = ScoringCounter(ref_model)
+    with pytest.raises(ValueError, match=f"ref_logps_cache_dir='{not_a_folder}' is not a writable folder"):
+        cached(model, tokenizer, tmp_path, not_a_folder, ref_model)
+    assert counter.calls == 0
+
+
+def test_failed_cache_write_keeps_the_scores_warns_and_trains(model, tokenizer, tmp_path, monkeypatch):
+    ref_model = tiny_llama(tokenizer, seed=1)
+    fresh = build(
+        model, tokenizer, toy_preference_dataset(8), tmp_path, ref_model=copy.deepcopy(ref_model), loss_type="sigmoid",
+        precompute_ref_log_probs=True,
+    )
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ref_cache, "safetensors_bytes", disk_full)
+    with pytest.warns(UserWarning, match="Could not write the reference log-prob cache file .*No space left.*kept in memory"):
+        trainer, calls = cached(model, tokenizer, tmp_path, tmp_path / "cache", ref_model)
+    assert calls > 0 and not [name for name in os.listdir(tmp_path / "cache") if not name.startswith(".")]
+    for column, value in columns_of(fresh).items():
+        torch.testing.assert_close(columns_of(trainer)[column], value, rtol=0, atol=0)
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def test_cache_write_is_fsynced_before_the_rename_and_stale_temporary_files_are_removed(tmp_path, monkeypatch):
+    host = socket.gethostname()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    dead = tmp_path / f"ref_logps-old.safetensors.{host}.{finished.pid}.tmp"
+    live = tmp_path / f"ref_logps-new.safetensors.{host}.{os.getpid()}.tmp"
+    old_elsewhere = tmp_path / "ref_logps-x.safetensors.other-host.1.tmp"
+    recent_elsewhere = tmp_path / "ref_logps-y.safetensors.other-host.1.tmp"
+    for path in (dead, live, old_elsewhere, recent_elsewhere):
+        path.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old_elsewhere, (two_days_ago, two_days_ago))
+
+    cache = ref_cache.RefLogpsCache(str(tmp_path), "k", "key text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, recent_elsewhere.name])
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(ref_cache.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(ref_cache.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    values = {column: torch.arange(3, dtype=torch.float32) - 5 for column in COLUMNS}
+    cache.save(values, "train")
+    assert events == ["fsync", "replace"]
+    loaded, problem = cache._read(3)
+    assert problem is None and torch.equal(loaded["ref_chosen_logps"], values["ref_chosen_logps"])
