@@ -253,3 +253,18 @@ def test_cache_write_is_fsynced_before_the_rename_and_stale_temporary_files_are_
     assert events == ["fsync", "replace"]
     loaded, problem = cache._read(3)
     assert problem is None and torch.equal(loaded["ref_chosen_logps"], values["ref_chosen_logps"])
+
+
+# ---------------------------------------------------------------------------------------------- 2. TRL fields: MoE aux loss
+def test_moe_router_aux_loss_is_not_silently_dropped(tokenizer, tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, pad_token_id=tokenizer.pad_token_id,
+    )
+    moe = MixtralForCausalLM(config)
+    with pytest.raises(ValueError, match="Mixture-of-Experts.*router_aux_loss_coef=0.001.*Set router_aux_loss_coef=0.0"):
+        build(moe, tokenizer, toy_preference_dataset(4), tmp_path, loss_type="alpha_dpo")
+    trainer = build(moe, tokenizer, toy_preference_dataset(4), tmp_path, loss_type="alpha_dpo", router_aux_loss_coef=0.0)
+    assert trainer.uses_pipeline and not trainer.aux_loss_enabled

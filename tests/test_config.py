@@ -103,3 +103,22 @@ def test_trl_fields_without_meaning_for_refpo_types_are_rejected(overrides, mess
 def test_label_smoothing_accepted_where_it_applies(tmp_path):
     assert tiny_args(tmp_path, loss_type=["alpha_dpo", "sft"], label_smoothing=0.1).label_smoothing == 0.1
     assert tiny_args(tmp_path, loss_type=["simpo", "discopop"], discopop_tau=0.1).discopop_tau == 0.1
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(loss_type="sigmoid", alpha=0.5), r"alpha=0.5 is used only by loss_type \['alpha_dpo'\]"),
+        (dict(loss_type="simpo", alpha=0.5), "alpha=0.5 is used only by"),
+        (dict(loss_type="sigmoid", gamma_beta_ratio=0.3), "gamma_beta_ratio=0.3 is used only by"),
+        (dict(loss_type="alpha_dpo", epsilon=0.05), "epsilon=0.05 is used only by"),
+        (dict(loss_type="alpha_dpo", beta_chosen=0.2), "beta_chosen=0.2 is used only by"),
+        (dict(loss_type="simpo", beta_dpo_alpha=0.2), "beta_dpo_alpha=0.2 is used only by"),
+        (dict(loss_type="sigmoid", typo_lambda=0.2), "typo_lambda=0.2 is used only by"),
+        (dict(loss_type="typo", beta=0.5), "beta=0.5 is unused"),
+        (dict(loss_type="alpha_dpo", ref_model_mixup_alpha=0.9), "ref_model_mixup_alpha applies only with sync_ref_model"),
+    ],
+)
+def test_a_setting_no_loss_type_reads_is_rejected(overrides, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        tiny_args(tmp_path, **overrides)

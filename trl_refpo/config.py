@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from trl import DPOConfig as _TRLDPOConfig
@@ -29,6 +29,24 @@ def _non_negative(value) -> bool:
 def _fraction(value) -> bool:
     return 0 <= value < 1
 
+
+_TYPO_FIELDS = (
+    "typo_lambda", "typo_ref_completion_column", "typo_generate_ref_completions", "typo_generation_temperature",
+    "typo_generation_top_k", "typo_generation_top_p", "typo_generation_max_new_tokens",
+    "typo_generation_repetition_penalty", "typo_generation_batch_size", "typo_generation_cache_dir",
+)
+# Fields of one family of loss types: setting one while none of its loss types is in loss_type is an error.
+FIELD_OWNERS = {
+    "epsilon": ("epsilon_dpo",),
+    "beta_chosen": ("flex_dpo",),
+    "beta_rejected": ("flex_dpo",),
+    "alpha": ("alpha_dpo",),
+    "gamma_beta_ratio": ("alpha_dpo", "simpo"),
+    "ln": ("alpha_dpo", "simpo"),
+    "beta_dpo_alpha": ("beta_dpo",),
+    "beta_dpo_momentum": ("beta_dpo",),
+    **{name: ("typo",) for name in _TYPO_FIELDS},
+}
 
 # The range of every numeric setting (finiteness is checked for all float fields first): name -> (check, wording).
 NUMBER_RANGES = {
@@ -174,6 +192,7 @@ class RefPOConfig(_TRLDPOConfig):
         if not self.loss_type:
             raise ValueError(f"loss_type is empty. Choose at least one of: {valid}.")
         self._validate_numbers()
+        self._validate_fields_apply()
         if self.plugin_loss_types:
             # TRL applies these only inside its own loss code; their meaning for trl-refpo types is undefined.
             trl_only = {
@@ -212,6 +231,22 @@ class RefPOConfig(_TRLDPOConfig):
             raise ValueError(
                 f"sync_ref_model=True but loss_type {self.loss_type} uses no reference model. Set sync_ref_model=False."
             )
+
+    def _validate_fields_apply(self) -> None:
+        """A field set to a non-default value must be read by some loss type of the run: none is ignored silently."""
+        defaults = {item.name: item.default for item in fields(self)}
+        for name, owners in FIELD_OWNERS.items():
+            if getattr(self, name) != defaults[name] and not set(owners) & set(self.loss_type):
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is used only by loss_type {list(owners)}, which loss_type "
+                    f"{self.loss_type} does not contain. Unset {name}, or add the loss type."
+                )
+        if self.beta != defaults["beta"] and set(self.loss_type) <= {"typo", "sft"}:
+            raise ValueError(f"beta={self.beta} is unused: loss_type {self.loss_type} has no β. Unset beta.")
+        if self.plugin_loss_types and not self.sync_ref_model:
+            for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"{name} applies only with sync_ref_model=True. Set sync_ref_model, or unset {name}.")
 
     def _validate_numbers(self) -> None:
         """Every float setting is finite (NaN / inf anywhere, lists included, is an error), and in its range."""

@@ -121,6 +121,13 @@ class RefPOTrainer(_TRLDPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
+        if self.uses_pipeline and self.aux_loss_enabled:
+            raise ValueError(
+                f"{type(self.model).__name__} is a Mixture-of-Experts model: TRL adds its router load-balancing loss "
+                f"(router_aux_loss_coef={self.router_aux_loss_coef}) only in its own loss code, which loss_type "
+                f"{args.loss_type} does not use. Set router_aux_loss_coef=0.0 to train without it, or use TRL's loss "
+                "types alone."
+            )
         if data_collator is None and not self._is_vision_dataset and self.uses_pipeline:
             trl_collator = self.data_collator
             self.data_collator = RefPODataCollator(
