@@ -88,6 +88,9 @@ class RefPOConfig(_TRLDPOConfig):
         beta_dpo_alpha (`float`, defaults to 0.5): β-DPO's sensitivity ``a`` of β to the reward gap.
         beta_dpo_momentum (`float`, defaults to 0.9): β-DPO's momentum of the running reward-gap baseline M₀.
 
+    TRL's ``label_smoothing`` applies the authors' conservative smoothing to ``alpha_dpo`` and ``simpo`` and is
+    rejected for the other trl-refpo types; every TRL field either applies or is rejected (``docs/trl_fields.md``).
+
     Reference sources (ALGORITHMS.md §7; a ``ref_model`` / ``ref_tokenizer`` instance can also be passed to the trainer):
         ref_model_name_or_path (`str`, *optional*): reference checkpoint to load instead of the initial policy.
         ref_model_init_kwargs (`dict`, *optional*): ``from_pretrained`` kwargs for ``ref_model_name_or_path``.
