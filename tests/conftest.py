@@ -47,3 +47,14 @@ def model(tokenizer):
 @pytest.fixture
 def dataset():
     return toy_preference_dataset(16)
+
+
+class ForwardCounter:
+    """Counts the forwards of a module (e.g. a reference model: 0 means nothing was scored)."""
+
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        self.calls += 1

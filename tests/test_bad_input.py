@@ -14,8 +14,8 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_args
-from datasets import Dataset, IterableDataset
+from conftest import ForwardCounter, tiny_args
+from datasets import IterableDataset
 from safetensors.torch import save_file
 
 from trl_refpo import RefPOTrainer, losses, ref_cache
@@ -62,8 +62,9 @@ def test_label_smoothing_reaches_the_loss(loss_type, tmp_path):
     ],
 )
 def test_supplied_reference_columns_must_be_finite_numbers(chosen, message, model, tokenizer, tmp_path):
-    dataset = toy_preference_dataset(4).add_column("ref_chosen_logps", chosen).add_column("ref_rejected_logps", [-1.0] * 4)
-    with pytest.raises(ValueError, match=f"Column 'ref_chosen_logps' of the train dataset must hold finite numbers.*{message}"):
+    dataset = toy_preference_dataset(4).add_column("ref_chosen_logps", chosen)
+    dataset = dataset.add_column("ref_rejected_logps", [-1.0] * 4)
+    with pytest.raises(ValueError, match=f"Column 'ref_chosen_logps' of the train dataset must hold finite.*{message}"):
         build(model, tokenizer, dataset, tmp_path, loss_type="sigmoid")
     good = dataset.remove_columns("ref_chosen_logps").add_column("ref_chosen_logps", [-1.0] * 4)
     bad_eval = good.remove_columns("ref_rejected_logps").add_column("ref_rejected_logps", chosen)
@@ -72,7 +73,9 @@ def test_supplied_reference_columns_must_be_finite_numbers(chosen, message, mode
 
 
 # ---------------------------------------------------------------------------------------------- 4. TYPO column
-@pytest.mark.parametrize("values, shown", [([" a b", None, " c", " d"], "row 1 has None"), ([1, 2, 3, 4], "row 0 has 1")])
+@pytest.mark.parametrize(
+    "values, shown", [([" a b", None, " c", " d"], "row 1 has None"), ([1, 2, 3, 4], "row 0 has 1")]
+)
 def test_typo_reference_completion_column_names_the_bad_row(values, shown, model, tokenizer, tmp_path):
     dataset = toy_preference_dataset(4).add_column("ref_completion", values)
     with pytest.raises(ValueError, match=f"Column 'ref_completion' of the train dataset must be a string.*{shown}"):
@@ -90,8 +93,9 @@ def test_rows_dropped_for_max_length_are_counted_and_an_empty_result_fails(model
         trainer = build(model, tokenizer, dataset, tmp_path, loss_type="alpha_dpo", max_length=max_length)
     assert len(trainer.train_dataset) == 16 - dropped
     long_prompts = dataset.map(lambda row: {"prompt": "copy : a b " * 10 + row["prompt"]})
-    with pytest.raises(ValueError, match=f"All 16 rows of the eval dataset were dropped.*max_length={max(prompt_lengths) + 1}"):
-        build(model, tokenizer, dataset, tmp_path, eval_dataset=long_prompts, max_length=max(prompt_lengths) + 1)
+    keeps_train = max(prompt_lengths) + 1
+    with pytest.raises(ValueError, match=f"All 16 rows of the eval dataset were dropped.*max_length={keeps_train}"):
+        build(model, tokenizer, dataset, tmp_path, eval_dataset=long_prompts, max_length=keeps_train)
 
 
 def test_empty_datasets_fail_naming_the_dataset(model, tokenizer, tmp_path):
@@ -102,22 +106,22 @@ def test_empty_datasets_fail_naming_the_dataset(model, tokenizer, tmp_path):
         build(model, tokenizer, toy_preference_dataset(4), tmp_path, eval_dataset=empty, loss_type="simpo")
 
 
-# ---------------------------------------------------------------------------------------------- 6. streaming + precompute
+# ------------------------------------------------------------------------------------------- 6. streaming + precompute
 def test_precompute_with_an_iterable_dataset_fails_as_in_trl_before_scoring(model, tokenizer, tmp_path):
     rows = list(toy_preference_dataset(8))
     streaming = IterableDataset.from_generator(lambda: iter(rows))
     ref_model = tiny_llama(tokenizer, seed=1)
-    calls = []
-    ref_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    counter = ForwardCounter(ref_model)
     with pytest.raises(ValueError, match="not supported with IterableDataset"):
         build(model, tokenizer, streaming, tmp_path, ref_model=ref_model, precompute_ref_log_probs=True, max_steps=1)
-    assert not calls
+    assert counter.calls == 0
 
 
 # ---------------------------------------------------------------------------------------------- 7. ref_model vocab
 def test_in_memory_reference_with_other_embedding_count_warns_how_to_declare_its_tokenizer(model, tokenizer, tmp_path):
     padded = tiny_llama(tokenizer, seed=1, vocab_size=len(tokenizer) + 8)
-    with pytest.warns(UserWarning, match=f"{len(tokenizer) + 8} token embeddings and the policy {len(tokenizer)}.*ref_tokenizer="):
+    expected = f"{len(tokenizer) + 8} token embeddings and the policy {len(tokenizer)}.*ref_tokenizer="
+    with pytest.warns(UserWarning, match=expected):
         build(model, tokenizer, toy_preference_dataset(4), tmp_path, ref_model=padded)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*token embeddings.*")
@@ -125,17 +129,8 @@ def test_in_memory_reference_with_other_embedding_count_warns_how_to_declare_its
 
 
 # ---------------------------------------------------------------------------------------------- 8–10. the cache
-class ScoringCounter:
-    def __init__(self, module):
-        self.calls = 0
-        module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        self.calls += 1
-
-
 def cached(model, tokenizer, tmp_path, cache_dir, ref_model):
-    counter = ScoringCounter(ref_model)
+    counter = ForwardCounter(ref_model)
     trainer = build(
         model, tokenizer, toy_preference_dataset(8), tmp_path, ref_model=ref_model, loss_type="sigmoid",
         precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache_dir), max_steps=1,
@@ -202,7 +197,7 @@ def test_unwritable_cache_folder_fails_before_scoring(model, tokenizer, tmp_path
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("x")
     ref_model = tiny_llama(tokenizer, seed=1)
-    counter = ScoringCounter(ref_model)
+    counter = ForwardCounter(ref_model)
     with pytest.raises(ValueError, match=f"ref_logps_cache_dir='{not_a_folder}' is not a writable folder"):
         cached(model, tokenizer, tmp_path, not_a_folder, ref_model)
     assert counter.calls == 0
@@ -219,7 +214,8 @@ def test_failed_cache_write_keeps_the_scores_warns_and_trains(model, tokenizer, 
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ref_cache, "safetensors_bytes", disk_full)
-    with pytest.warns(UserWarning, match="Could not write the reference log-prob cache file .*No space left.*kept in memory"):
+    expected = "Could not write the reference log-prob cache file .*No space left.*kept in memory"
+    with pytest.warns(UserWarning, match=expected):
         trainer, calls = cached(model, tokenizer, tmp_path, tmp_path / "cache", ref_model)
     assert calls > 0 and not [name for name in os.listdir(tmp_path / "cache") if not name.startswith(".")]
     for column, value in columns_of(fresh).items():
@@ -255,7 +251,7 @@ def test_cache_write_is_fsynced_before_the_rename_and_stale_temporary_files_are_
     assert problem is None and torch.equal(loaded["ref_chosen_logps"], values["ref_chosen_logps"])
 
 
-# ---------------------------------------------------------------------------------------------- 2. TRL fields: MoE aux loss
+# ----------------------------------------------------------------------------------------- 2. TRL fields: MoE aux loss
 def test_moe_router_aux_loss_is_not_silently_dropped(tokenizer, tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
@@ -264,7 +260,8 @@ def test_moe_router_aux_loss_is_not_silently_dropped(tokenizer, tmp_path):
         num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, pad_token_id=tokenizer.pad_token_id,
     )
     moe = MixtralForCausalLM(config)
-    with pytest.raises(ValueError, match="Mixture-of-Experts.*router_aux_loss_coef=0.001.*Set router_aux_loss_coef=0.0"):
-        build(moe, tokenizer, toy_preference_dataset(4), tmp_path, loss_type="alpha_dpo")
-    trainer = build(moe, tokenizer, toy_preference_dataset(4), tmp_path, loss_type="alpha_dpo", router_aux_loss_coef=0.0)
+    dataset = toy_preference_dataset(4)
+    with pytest.raises(ValueError, match="Mixture-of-Experts.*router_aux_loss_coef=0.001.*Set router_aux_loss_coef=0"):
+        build(moe, tokenizer, dataset, tmp_path, loss_type="alpha_dpo")
+    trainer = build(moe, tokenizer, dataset, tmp_path, loss_type="alpha_dpo", router_aux_loss_coef=0.0)
     assert trainer.uses_pipeline and not trainer.aux_loss_enabled

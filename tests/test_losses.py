@@ -150,7 +150,8 @@ def test_label_smoothing_is_the_authors_conservative_loss():
     torch.testing.assert_close(ours, authors_alpha, atol=1e-10, rtol=0)
     simpo_logits = pi_logratios - ratio
     authors_simpo = -log_sigmoid(beta * simpo_logits) * (1 - ls) - log_sigmoid(-beta * simpo_logits) * ls
-    torch.testing.assert_close(losses.simpo_loss(pc, pr, beta, ratio, label_smoothing=ls), authors_simpo, atol=1e-10, rtol=0)
+    ours_simpo = losses.simpo_loss(pc, pr, beta, ratio, label_smoothing=ls)
+    torch.testing.assert_close(ours_simpo, authors_simpo, atol=1e-10, rtol=0)
     # ls = 0 is the plain loss, and smoothing changes it: a silently ignored setting would not.
     plain = losses.simpo_loss(pc, pr, beta, ratio)
     torch.testing.assert_close(losses.simpo_loss(pc, pr, beta, ratio, label_smoothing=0.0), plain)

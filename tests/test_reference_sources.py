@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ForwardCounter
 from datasets import Dataset
 from transformers import Trainer
 from trl import DPOConfig as TRLDPOConfig
@@ -379,15 +380,6 @@ def test_supplied_columns_pass_through_unchanged_in_float32(tmp_path, policy, po
 
 
 # ---------------------------------------------------------------------------------------------- precompute + cache
-class ForwardCounter:
-    def __init__(self, module):
-        self.calls = 0
-        module.register_forward_pre_hook(self)
-
-    def __call__(self, module, args):
-        self.calls += 1
-
-
 def cached_trainer(tmp_path, policy, policy_tokenizer, raw, ref, ref_tokenizer=None, **config):
     counter = ForwardCounter(ref)
     trainer = make_trainer(

@@ -215,8 +215,9 @@ class RefPOConfig(_TRLDPOConfig):
             no_smoothing = [name for name in self.plugin_loss_types if not OBJECTIVES[name].supports_label_smoothing]
             if self.label_smoothing > 0 and no_smoothing:
                 raise ValueError(
-                    f"label_smoothing={self.label_smoothing} has no meaning for loss_type {no_smoothing} (their authors "
-                    "define none); it applies to alpha_dpo and simpo (conservative smoothing). Set label_smoothing=0."
+                    f"label_smoothing={self.label_smoothing} has no meaning for loss_type {no_smoothing} (their "
+                    "authors define none); it applies to alpha_dpo and simpo (conservative smoothing). Set "
+                    "label_smoothing=0."
                 )
             if self.label_smoothing >= 0.5:
                 raise ValueError(
@@ -249,7 +250,9 @@ class RefPOConfig(_TRLDPOConfig):
         if self.plugin_loss_types and not self.sync_ref_model:
             for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):
                 if getattr(self, name) != defaults[name]:
-                    raise ValueError(f"{name} applies only with sync_ref_model=True. Set sync_ref_model, or unset {name}.")
+                    raise ValueError(
+                        f"{name} applies only with sync_ref_model=True. Set sync_ref_model, or unset {name}."
+                    )
 
     def _validate_numbers(self) -> None:
         """Every float setting is finite (NaN / inf anywhere, lists included, is an error), and in its range."""

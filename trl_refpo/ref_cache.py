@@ -77,7 +77,8 @@ def precompute_reference_logps(trainer, dataset, name: str, batch_size: int):
         values = cache.load(len(dataset), trainer.accelerator)
         if values is not None:
             logger.info(
-                "Loaded the reference log-probs of the %s dataset from the cache %s: no reference forward.", name, cache.file
+                "Loaded the reference log-probs of the %s dataset from the cache %s: no reference forward.",
+                name, cache.file,
             )
             return _with_columns(dataset, values)
         cache.check_writable()  # before scoring, so that a bad folder costs nothing

@@ -283,9 +283,9 @@ def _check_same_tokenizer(ref_model, policy_tokenizer, example, policy_num_embed
     policy_count = policy_num_embeddings or len(policy_tokenizer)
     if known is None and num_embeddings is not None and num_embeddings != policy_count:
         warnings.warn(
-            f"The reference model has {num_embeddings} token embeddings and the policy {policy_count}, and no tokenizer "
-            "is saved with the reference: it is assumed to share the policy's tokenizer (padded embeddings). If it "
-            f"tokenises differently, its log-probs are wrong. {CROSS_TOKENIZER_HINT}",
+            f"The reference model has {num_embeddings} token embeddings and the policy {policy_count}, and no "
+            "tokenizer is saved with the reference: it is assumed to share the policy's tokenizer (padded "
+            f"embeddings). If it tokenises differently, its log-probs are wrong. {CROSS_TOKENIZER_HINT}",
             stacklevel=4,
         )
     elif known is None:
