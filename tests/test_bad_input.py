@@ -104,6 +104,8 @@ def test_empty_datasets_fail_naming_the_dataset(model, tokenizer, tmp_path):
         build(model, tokenizer, empty, tmp_path)
     with pytest.raises(ValueError, match="The eval dataset is empty"):
         build(model, tokenizer, toy_preference_dataset(4), tmp_path, eval_dataset=empty, loss_type="simpo")
+    with pytest.raises(ValueError, match="The train dataset is empty"):
+        build(model, tokenizer, IterableDataset.from_generator(lambda: iter([])), tmp_path, max_steps=1)
 
 
 # ------------------------------------------------------------------------------------------- 6. streaming + precompute

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
@@ -92,8 +92,12 @@ class RefPODataCollator(DataCollatorForPreference):
 
 
 def require_rows(dataset, name: str) -> None:
-    """An empty map-style dataset is an error naming it (TRL would stop with a bare StopIteration)."""
-    if isinstance(dataset, Dataset) and len(dataset) == 0:
+    """An empty dataset is an error naming it (TRL would stop with a bare StopIteration)."""
+    if isinstance(dataset, Dataset):
+        empty = len(dataset) == 0
+    else:  # an IterableDataset: its first example (TRL reads it too)
+        empty = isinstance(dataset, IterableDataset) and next(iter(dataset), None) is None
+    if empty:
         raise ValueError(f"The {name} dataset is empty: it has no preference pairs. Pass a dataset with rows.")
 
 
