@@ -240,7 +240,7 @@ class RefPOConfig(_TRLDPOConfig):
         """A field set to a non-default value must be read by some loss type of the run: none is ignored silently."""
         defaults = {item.name: item.default for item in fields(self)}
         for name, owners in FIELD_OWNERS.items():
-            if getattr(self, name) != defaults[name] and not set(owners) & set(self.loss_type):
+            if name in defaults and getattr(self, name) != defaults[name] and not set(owners) & set(self.loss_type):
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is used only by loss_type {list(owners)}, which loss_type "
                     f"{self.loss_type} does not contain. Unset {name}, or add the loss type."
