@@ -250,8 +250,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 def _with_columns(dataset: Dataset, values: dict[str, torch.Tensor]) -> Dataset:
     if len(values["ref_chosen_logps"]) != len(dataset):
         raise ValueError(
-            f"The cached reference log-probs have {len(values['ref_chosen_logps'])} rows but the dataset has "
-            f"{len(dataset)}. Delete the stale cache file."
+            f"The reference log-probs have {len(values['ref_chosen_logps'])} rows but the dataset has "
+            f"{len(dataset)}."
         )
     columns = Dataset.from_dict(
         {name: values[name].float().numpy() for name in FLOAT_COLUMNS},
