@@ -22,6 +22,9 @@ from trl_refpo import RefPOTrainer, available_loss_types
         (dict(loss_type="simpo", f_divergence_type="js_divergence"), "f_divergence_type"),
         (dict(loss_type="simpo", sync_ref_model=True), "sync_ref_model"),
         (dict(loss_type="beta_dpo", beta_dpo_momentum=1.0), "beta_dpo_momentum"),
+        (dict(loss_type="beta_dpo", beta_dpo_filter_ratio=1.0), r"beta_dpo_filter_ratio must be in \[0, 1\)"),
+        (dict(loss_type="beta_dpo", beta_dpo_filter_ratio=float("nan")), "beta_dpo_filter_ratio"),
+        (dict(loss_type="alpha_dpo", moments_update="epoch"), "moments_update must be one of"),
     ],
 )
 def test_bad_config_raises(overrides, message, tmp_path):

@@ -41,7 +41,8 @@ class RefPOConfig(_TRLDPOConfig):
         moments_bias_correction (`bool`, defaults to False): use μ/(1 − m^t), σ/(1 − m^t) (as Adam corrects its
             moments; t = number of updates) instead of the raw running moments, which start at 0.
 
-    Reference sources (docs/algorithms.md §7; a ``ref_model`` / ``ref_tokenizer`` instance can also be passed to the trainer):
+    Reference sources (docs/algorithms.md §7; a ``ref_model`` / ``ref_tokenizer`` instance can also be passed to the
+    trainer):
         ref_model_name_or_path (`str`, *optional*): reference checkpoint to load instead of the initial policy.
         ref_model_init_kwargs (`dict`, *optional*): ``from_pretrained`` kwargs for ``ref_model_name_or_path``.
         ref_tokenizer_name_or_path (`str`, *optional*): the reference's own tokenizer, when it differs from the

@@ -172,7 +172,7 @@ def beta_dpo_selection(
     selected = torch.zeros(count, dtype=torch.bool, device=logits.device)
     if keep >= count:
         return selected.fill_(True)
-    values = logits.detach().double().cpu()
+    values = logits.detach().float().cpu()  # float32 like the authors': multinomial's draws depend on the dtype
     weights = torch.exp(-0.5 * ((values - float(mu)) / float(sigma)).square())
     if abs(float(sigma)) < 1e-8 or not torch.isfinite(weights).all():
         weights = torch.ones_like(values)
@@ -181,7 +181,7 @@ def beta_dpo_selection(
         index = torch.multinomial(weights, keep, replacement=False, generator=generator)
     else:
         zero = (weights == 0).nonzero().flatten()
-        extra = torch.multinomial(torch.ones(zero.numel(), dtype=torch.float64), keep - positive.numel(),
+        extra = torch.multinomial(torch.ones(zero.numel()), keep - positive.numel(),
                                   replacement=False, generator=generator)
         index = torch.cat([positive, zero[extra]])
     selected[index.to(logits.device)] = True

@@ -202,7 +202,9 @@ class AlphaDPO(_LengthNormalised):
             chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha, mu, sigma
         )
         margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, mu, sigma)
-        metrics = {"alpha_dpo/margin_mean": float(ctx.gather(margin).mean()), "alpha_dpo/mu": mu, "alpha_dpo/sigma": sigma}
+        metrics = {
+            "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()), "alpha_dpo/mu": mu, "alpha_dpo/sigma": sigma
+        }
         return ObjectiveOutput(per_pair, (beta * chosen).detach(), (beta * rejected).detach(), metrics)
 
 
@@ -321,7 +323,8 @@ class BetaDPO(Objective):
 
 
 class Typo(Objective):
-    """TYPO (docs/algorithms.md §5): ``softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``, ``y_ref`` sampled from the reference.
+    """TYPO (docs/algorithms.md §5): ``softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``, ``y_ref`` sampled from
+    the reference.
 
     ``y_ref`` comes from the column ``typo_ref_completion_column`` or is sampled once from the reference
     before training (:class:`~trl_refpo.ref_completions.ReferenceCompletions`). Its tokens are extra rows of
@@ -366,8 +369,8 @@ def running_moments(cls: type[RunningMoments], args, loss_name: str, momentum: f
         logger.warning(
             f"{loss_name}: each update of its running σ sees {pairs_per_update} pair (moments_update="
             f"{args.moments_update!r}, per_device_train_batch_size={args.per_device_train_batch_size}, "
-            f"{args.world_size} process(es)), so σ stays 0 and {consequence}. Use a larger per_device_train_batch_size, "
-            "or moments_update='optimizer_step' with gradient_accumulation_steps >= 2."
+            f"{args.world_size} process(es)), so σ stays 0 and {consequence}. Use a larger "
+            "per_device_train_batch_size, or moments_update='optimizer_step' with gradient_accumulation_steps >= 2."
         )
     return cls(momentum=momentum, update_every=args.moments_update, bias_correction=args.moments_bias_correction)
 
