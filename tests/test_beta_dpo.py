@@ -3,6 +3,7 @@ moments α-DPO shares with it: update per micro-batch or per optimizer step, bia
 
 import logging
 import math
+import shutil
 
 import pytest
 import torch
@@ -231,3 +232,25 @@ def test_trainer_seeds_the_filter_per_micro_batch_and_checkpoints_it(tokenizer, 
     logged = [entry for entry in trainer.state.log_history if "beta_dpo/beta" in entry]
     assert logged and all(entry["beta_dpo/selected_fraction"] == pytest.approx(0.75) for entry in logged)
     assert isinstance(trainer.objectives[0].controller, BetaDPOController)
+
+
+def test_resume_draws_the_same_selections(tokenizer, dataset, tmp_path):
+    def run(folder, save_steps, resume=False):
+        args = beta_dpo_args(folder, max_steps=4, save_strategy="steps", save_steps=save_steps,
+                             per_device_train_batch_size=4, gradient_accumulation_steps=1)
+        trainer = RefPOTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=dataset,
+                               processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=resume or None)
+        return trainer
+
+    straight = run(tmp_path / "straight", save_steps=4)
+    run(tmp_path / "resumed", save_steps=2)
+    shutil.rmtree(tmp_path / "resumed" / "checkpoint-4")
+    resumed = run(tmp_path / "resumed", save_steps=2, resume=True)
+    ours, theirs = resumed.controller_state(), straight.controller_state()
+    assert ours["0:beta_dpo"]["batches"] == theirs["0:beta_dpo"]["batches"] == 4
+    for key in ("mu", "sigma"):
+        assert ours["0:beta_dpo"][key] == pytest.approx(theirs["0:beta_dpo"][key], rel=1e-5)
+    betas = [[entry["beta_dpo/beta"] for entry in t.state.log_history if "beta_dpo/beta" in entry][-2:]
+             for t in (straight, resumed)]
+    assert betas[0] == pytest.approx(betas[1], rel=1e-5)
