@@ -254,3 +254,8 @@ def test_resume_draws_the_same_selections(tokenizer, dataset, tmp_path):
     betas = [[entry["beta_dpo/beta"] for entry in t.state.log_history if "beta_dpo/beta" in entry][-2:]
              for t in (straight, resumed)]
     assert betas[0] == pytest.approx(betas[1], rel=1e-5)
+
+
+def test_state_from_the_former_beta_dpo_is_refused():
+    with pytest.raises(ValueError, match=r"BetaDPOController state lacks \['mu', 'sigma'.*cannot resume exactly"):
+        BetaDPOController().load_state_dict({"baseline": 0.3})

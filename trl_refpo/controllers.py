@@ -32,6 +32,12 @@ class Controller:
         return {name: getattr(self, name) for name in self._state_fields}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [name for name in self._state_fields if name not in state]
+        if missing:
+            raise ValueError(
+                f"The saved {type(self).__name__} state lacks {missing} (written by another trl-refpo version), so "
+                "training cannot resume exactly. Resume with the version that wrote the checkpoint, or start a new run."
+            )
         for name in self._state_fields:
             setattr(self, name, state[name])
 

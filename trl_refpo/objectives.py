@@ -276,7 +276,8 @@ class BetaDPO(Objective):
     """β-DPO (Wu et al., 2024, "β-DPO: Direct Preference Optimization with Dynamic β"; docs/algorithms.md §8), as
     the authors' ``trainers.py`` runs it.
 
-    On the micro-batch gathered from every process: μ, σ of the raw DPO logit Δ move first (training only), then
+    On the micro-batch gathered from every process: μ, σ of the raw DPO logit Δ move first (training only; once per
+    optimizer step instead with ``moments_update="optimizer_step"``), then
     ⌊(1 − ρ)·N⌋ pairs are sampled ∝ ``exp(−½((Δ − μ)/σ)²)``, ``β = max(β₀·[1 + a·(mean Δ_selected − μ)], 1e-3)``
     and each process averages ``−log σ(β·Δ_i)`` over its own selected rows. The sampling generator is seeded with
     ``args.seed`` + the count of training micro-batches: the same selection on every process, and after resume.
