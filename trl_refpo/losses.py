@@ -148,7 +148,7 @@ def typo_loss(
     policy_ref_sample_logps: Tensor,
     typo_lambda: float,
 ) -> Tensor:
-    """TYPO (Xiao et al., "New Desiderata for Direct Preference Optimization", Eq. 14–17).
+    """TYPO (Hu, He and Wipf, "New Desiderata for Direct Preference Optimization", Eq. 14–17).
 
     ``log(1 + π_θ(y_l|x)/π_θ(y_w|x)) − λ·log π_θ(y_ref|x) = softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``
     where ``y_ref`` is a completion sampled from the reference policy for the same prompt.
@@ -159,7 +159,7 @@ def typo_loss(
 def beta_dpo_selection(
     logits: Tensor, mu: Scalar, sigma: Scalar, filter_ratio: float, generator: torch.Generator | None = None
 ) -> Tensor:
-    """β-DPO's data filter (Wu et al., 2024, "β-DPO: DPO with Dynamic β", §4.2; the authors' ``trainers.py``).
+    """β-DPO's data filter (Wu et al., 2024, "β-DPO: DPO with Dynamic β"; the authors' ``trainers.py``).
 
     Each pair gets the weight ``w_i = exp(−½((Δ_i − μ)/σ)²)`` (Δ_i the raw DPO logit, μ, σ its running moments);
     ``⌊(1 − ρ)·N⌋`` pairs are drawn without replacement with probabilities ∝ w. Returns the boolean mask of the
@@ -189,7 +189,7 @@ def beta_dpo_selection(
 
 
 def beta_dpo_batch_beta(selected_logit_mean: Scalar, beta: float, beta_dpo_alpha: float, mu: Scalar) -> Tensor:
-    """β-DPO (Wu et al., 2024, Eq. 7 in the units of the authors' code): the batch's β.
+    """β-DPO (Wu et al., 2024, in the units of the authors' code): the batch's β.
 
     ``β = max(β₀·[1 + a·(mean of Δ_i over the selected pairs − μ)], 1e-3)`` with Δ the raw DPO logit and μ its
     running mean. The loss is :func:`sigmoid_dpo_loss` with this β, averaged over the selected pairs.
