@@ -53,6 +53,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/main_job")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--moments_bias_correction", action="store_true",
+        help="alpha_dpo / beta_dpo: bias-corrected running moments (mu/(1-0.9^t), as Adam)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=None,
         help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs 1 is often faster",
     )
@@ -210,6 +214,7 @@ def main(argv=None) -> dict:
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, cli.max_steps // 5), logging_steps=1,
         max_length=128, eval_strategy="no", save_strategy="no", report_to=[], seed=cli.seed, bf16=False,
         use_cpu=True, gradient_checkpointing=False, dataloader_num_workers=0,
+        moments_bias_correction=cli.moments_bias_correction,
     )
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=preference_dataset(train_tasks),

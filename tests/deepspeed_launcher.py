@@ -1,5 +1,5 @@
-"""Test-harness helpers for DeepSpeed ZeRO on a CPU-only machine (``shared/TRL_SEAM.md``, "DeepSpeed ZeRO on a
-CPU-only machine"). Nothing here belongs in the library: users on GPUs need none of it.
+"""Test-harness helpers for DeepSpeed ZeRO on a CPU-only machine. Nothing here belongs in the library: users on
+GPUs need none of it.
 
 * :func:`patch_accelerate_for_cpu_deepspeed` — accelerate 1.15 finds no backend for a DeepSpeed launch without
   CUDA, reports one process, and a 2-rank trainer then fails in ``gather_for_metrics``. Call it in the worker,

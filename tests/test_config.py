@@ -64,6 +64,9 @@ NAN, INF = float("nan"), float("inf")
         (dict(loss_type="sigmoid", typo_lambda=0.2), "typo_lambda=0.2 is used only by"),
         (dict(loss_type="typo", beta=0.5), "beta=0.5 is unused"),
         (dict(loss_type="alpha_dpo", ref_model_mixup_alpha=0.9), "ref_model_mixup_alpha applies only with sync_ref"),
+        (dict(loss_type="beta_dpo", beta_dpo_filter_ratio=1.0), r"beta_dpo_filter_ratio must be in \[0, 1\)"),
+        (dict(loss_type="beta_dpo", beta_dpo_filter_ratio=float("nan")), "beta_dpo_filter_ratio"),
+        (dict(loss_type="alpha_dpo", moments_update="epoch"), "moments_update must be one of"),
     ],
 )
 def test_bad_config_raises(overrides, message, tmp_path):

@@ -2,7 +2,7 @@
 ``accelerate launch`` per stage. Both ranks must hold the same controller state (ε-DPO's β, α-DPO's μ/σ), and the
 logged losses must match one process without DeepSpeed on the same global batches.
 
-CPU DeepSpeed needs the test-only accelerate patch in tests/deepspeed_launcher.py (see shared/TRL_SEAM.md).
+CPU DeepSpeed needs the test-only accelerate patch in tests/deepspeed_launcher.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ε-DPO (ALGORITHMS.md §1) against a deliberately naive full-logits implementation on tiny models."""
+"""ε-DPO (docs/algorithms.md §1) against a deliberately naive full-logits implementation on tiny models."""
 
 import copy
 import shutil

@@ -52,7 +52,7 @@ def sequence_logps(model, prompt_ids, completion_ids) -> float:
 @torch.no_grad()
 def epsilon_step_fractions(policy, base, dataset, epsilon) -> tuple[float, float]:
     """ε-DPO's step fractions (β lowered, β raised) from full logits: s, s⁻, s⁺ with the mixtures
-    ``h_θ ± ε (h_θ − h_ref)`` of the policy's and the base's logits (ALGORITHMS.md §1), computed naively."""
+    ``h_θ ± ε (h_θ − h_ref)`` of the policy's and the base's logits (docs/algorithms.md §1), computed naively."""
     steps = []
     for row in dataset:
         ratios = torch.zeros(3)

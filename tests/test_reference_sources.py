@@ -1,4 +1,4 @@
-"""Reference sources (ALGORITHMS.md §6–7): swapped, cross-tokenizer, prior, supplied columns, precompute + cache.
+"""Reference sources (docs/algorithms.md §6–7): swapped, cross-tokenizer, prior, supplied columns, precompute + cache.
 
 Two in-code tokenizers: ``tiny_tokenizer`` (WordLevel, whitespace, no BOS) for the policy and ``tiny_bpe_tokenizer``
 (character BPE whose merges cross spaces, adds ``<s>``, ends with ``</s>``, another chat template) for the reference.

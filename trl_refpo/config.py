@@ -13,6 +13,7 @@ from typing import Any
 
 from trl import DPOConfig as _TRLDPOConfig
 
+from .controllers import MOMENTS_UPDATES
 from .objectives import OBJECTIVES
 from .trl_losses import TRL_LOSS_TYPES
 
@@ -45,6 +46,9 @@ FIELD_OWNERS = {
     "ln": ("alpha_dpo", "simpo"),
     "beta_dpo_alpha": ("beta_dpo",),
     "beta_dpo_momentum": ("beta_dpo",),
+    "beta_dpo_filter_ratio": ("beta_dpo",),
+    "moments_update": ("alpha_dpo", "beta_dpo"),
+    "moments_bias_correction": ("alpha_dpo", "beta_dpo"),
     **{name: ("typo",) for name in _TYPO_FIELDS},
 }
 
@@ -58,6 +62,7 @@ NUMBER_RANGES = {
     "gamma_beta_ratio": (_non_negative, ">= 0 (SimPO / α-DPO target margin γ/β)"),
     "beta_dpo_alpha": (_non_negative, ">= 0 (β-DPO's sensitivity of β to the reward gap)"),
     "beta_dpo_momentum": (_fraction, "in [0, 1)"),
+    "beta_dpo_filter_ratio": (_fraction, "in [0, 1) (β-DPO's filtering ratio ρ; 0 keeps every pair)"),
     "typo_lambda": (_non_negative, ">= 0"),
     "loss_weights": (_non_negative, ">= 0 (one per loss_type)"),
     "label_smoothing": (_fraction, "in [0, 1)"),
@@ -85,13 +90,22 @@ class RefPOConfig(_TRLDPOConfig):
         alpha (`float`, defaults to 0.2): α-DPO's weight of the z-normalised adaptive margin (0 is SimPO).
         gamma_beta_ratio (`float`, defaults to 0.6): SimPO / α-DPO target margin γ/β.
         ln (`bool`, defaults to True): SimPO / α-DPO length normalisation ``lp(y)/n(y)``.
-        beta_dpo_alpha (`float`, defaults to 0.5): β-DPO's sensitivity ``a`` of β to the reward gap.
-        beta_dpo_momentum (`float`, defaults to 0.9): β-DPO's momentum of the running reward-gap baseline M₀.
+        beta_dpo_alpha (`float`, defaults to 0.6): β-DPO's sensitivity ``a`` of β to the DPO logit Δ (raw, not ×β).
+        beta_dpo_filter_ratio (`float`, defaults to 0.2): β-DPO's filtering ratio ρ ∈ [0, 1): ⌊(1 − ρ)·N⌋ pairs of
+            each gathered batch are sampled for the loss (0 keeps every pair).
+        beta_dpo_momentum (`float`, defaults to 0.9): β-DPO's momentum of the running mean μ and std σ of Δ.
+        moments_update (`str`, defaults to ``"micro_batch"``): when α-DPO's and β-DPO's running μ, σ move:
+            ``"micro_batch"`` on every training micro-batch (the authors' codes), ``"optimizer_step"`` once per
+            optimizer step from every pair of that step on every process (gradient accumulation then does not
+            change the trajectory).
+        moments_bias_correction (`bool`, defaults to False): use μ/(1 − m^t), σ/(1 − m^t) (as Adam corrects its
+            moments; t = number of updates) instead of the raw running moments, which start at 0.
 
     TRL's ``label_smoothing`` applies the authors' conservative smoothing to ``alpha_dpo`` and ``simpo`` and is
     rejected for the other trl-refpo types; every TRL field either applies or is rejected (``docs/trl_fields.md``).
 
-    Reference sources (ALGORITHMS.md §7; a ``ref_model`` / ``ref_tokenizer`` instance can also be passed to the trainer):
+    Reference sources (docs/algorithms.md §7; a ``ref_model`` / ``ref_tokenizer`` instance can also be passed to the
+    trainer):
         ref_model_name_or_path (`str`, *optional*): reference checkpoint to load instead of the initial policy.
         ref_model_init_kwargs (`dict`, *optional*): ``from_pretrained`` kwargs for ``ref_model_name_or_path``.
         ref_tokenizer_name_or_path (`str`, *optional*): the reference's own tokenizer, when it differs from the
@@ -122,8 +136,22 @@ class RefPOConfig(_TRLDPOConfig):
     alpha: float = field(default=0.2, metadata={"help": "α-DPO adaptive-margin weight α ≥ 0 (0 = SimPO)."})
     gamma_beta_ratio: float = field(default=0.6, metadata={"help": "SimPO/α-DPO target margin γ/β."})
     ln: bool = field(default=True, metadata={"help": "SimPO/α-DPO: length-normalise log-probs."})
-    beta_dpo_alpha: float = field(default=0.5, metadata={"help": "β-DPO: sensitivity of β to the reward gap."})
-    beta_dpo_momentum: float = field(default=0.9, metadata={"help": "β-DPO: momentum of the reward-gap baseline."})
+    beta_dpo_alpha: float = field(default=0.6, metadata={"help": "β-DPO: sensitivity a of β to the DPO logit."})
+    beta_dpo_filter_ratio: float = field(
+        default=0.2, metadata={"help": "β-DPO: fraction ρ of each batch's pairs filtered out (0 keeps all)."}
+    )
+    beta_dpo_momentum: float = field(default=0.9, metadata={"help": "β-DPO: momentum of the running μ, σ of Δ."})
+    moments_update: str = field(
+        default="micro_batch",
+        metadata={
+            "help": "When α-DPO / β-DPO running moments move: every training micro-batch (authors) or once per "
+            "optimizer step from all its pairs.",
+            "choices": ["micro_batch", "optimizer_step"],
+        },
+    )
+    moments_bias_correction: bool = field(
+        default=False, metadata={"help": "α-DPO / β-DPO: bias-correct the running moments (μ/(1-m^t), as Adam)."}
+    )
     typo_lambda: float = field(default=0.05, metadata={"help": "TYPO: weight λ of the reference-completion NLL."})
     typo_ref_completion_column: str = field(
         default="ref_completion", metadata={"help": "TYPO: column of completions sampled from the reference."}
@@ -195,6 +223,8 @@ class RefPOConfig(_TRLDPOConfig):
         if not self.loss_type:
             raise ValueError(f"loss_type is empty. Choose at least one of: {valid}.")
         self._validate_numbers()
+        if self.moments_update not in MOMENTS_UPDATES:
+            raise ValueError(f"moments_update must be one of {list(MOMENTS_UPDATES)}, got {self.moments_update!r}.")
         self._validate_fields_apply()
         if self.plugin_loss_types:
             # TRL applies these only inside its own loss code; their meaning for trl-refpo types is undefined.

@@ -4,7 +4,8 @@ Each controller holds plain Python floats, exposes ``state_dict``/``load_state_d
 checkpoint by the trainer and restored on resume) and is updated at a well-defined point:
 
 * :class:`EpsilonBetaController` — once per optimizer step (after gradient accumulation);
-* :class:`RunningMoments` (α-DPO) and :class:`BetaDPOController` — on every training micro-batch.
+* :class:`RunningMoments` (α-DPO) and :class:`BetaDPOController` (β-DPO) — on every training micro-batch
+  (the authors' codes), or once per optimizer step (``moments_update="optimizer_step"``).
 
 Evaluation never changes any of them. Statistics that must agree across processes are computed from
 values that the caller has already gathered / reduced over all processes.
@@ -12,12 +13,14 @@ values that the caller has already gathered / reduced over all processes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 ReduceSum = Callable[[Tensor], Tensor]
+MOMENTS_UPDATES = ("micro_batch", "optimizer_step")
 
 
 class Controller:
@@ -29,6 +32,12 @@ class Controller:
         return {name: getattr(self, name) for name in self._state_fields}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [name for name in self._state_fields if name not in state]
+        if missing:
+            raise ValueError(
+                f"The saved {type(self).__name__} state lacks {missing} (written by another trl-refpo version), so "
+                "training cannot resume exactly. Resume with the version that wrote the checkpoint, or start a new run."
+            )
         for name in self._state_fields:
             setattr(self, name, state[name])
 
@@ -37,7 +46,7 @@ class Controller:
 
 
 class EpsilonBetaController(Controller):
-    """ε-DPO's baseline β (ALGORITHMS.md §1).
+    """ε-DPO's baseline β (docs/algorithms.md §1).
 
     Micro-batches add their per-pair step decisions with :meth:`accumulate`; after the optimizer step
     ``β ← β / (1 + ε·m)`` where ``m`` is the mean step over every pair of that optimizer step on all
@@ -66,47 +75,86 @@ class EpsilonBetaController(Controller):
 
 
 class RunningMoments(Controller):
-    """α-DPO's exponential moving mean μ and std σ of the gap ``g`` (ALGORITHMS.md §4, authors' code).
+    """Exponential moving mean μ and std σ of a per-pair statistic: α-DPO's gap ``g``, β-DPO's logit Δ
+    (docs/algorithms.md §4 and §8; both authors' codes).
 
-    ``μ ← m·μ + (1 − m)·mean(g)``, ``σ ← m·σ + (1 − m)·std(g)`` (unbiased std), both starting at 0.
-    With fewer than two values the std is undefined: μ is updated, σ is left unchanged.
+    ``μ ← m·μ + (1 − m)·mean(x)``, ``σ ← m·σ + (1 − m)·std(x)`` (unbiased std), both starting at 0, computed
+    from values already gathered over all processes. With fewer than two values the std is undefined: μ is
+    updated, σ is left unchanged.
+
+    ``update_every``: ``"micro_batch"`` (the authors' code) updates on every training micro-batch, before the
+    batch uses μ, σ; ``"optimizer_step"`` pools every pair of an optimizer step (every micro-batch, every
+    process) and updates once after it, so gradient accumulation does not change the trajectory; the pairs of a
+    step then use the moments of the steps before it. ``bias_correction`` divides by ``1 − m^t`` (t = number of
+    updates of that moment), as Adam corrects its moments; it leaves the stored μ, σ as they are.
     """
 
-    _state_fields = ("mu", "sigma")
+    _state_fields = ("mu", "sigma", "mu_updates", "sigma_updates", "pending_sum", "pending_sum_sq", "pending_count")
 
-    def __init__(self, momentum: float = 0.9):
+    def __init__(self, momentum: float = 0.9, update_every: str = "micro_batch", bias_correction: bool = False):
+        if update_every not in MOMENTS_UPDATES:
+            raise ValueError(f"update_every must be one of {MOMENTS_UPDATES}, got {update_every!r}.")
         self.momentum = float(momentum)
+        self.update_every = update_every
+        self.bias_correction = bias_correction
         self.mu = 0.0
         self.sigma = 0.0
+        self.mu_updates = 0
+        self.sigma_updates = 0
+        self.pending_sum = 0.0
+        self.pending_sum_sq = 0.0
+        self.pending_count = 0
 
-    def update(self, gathered_gap: Tensor) -> None:
-        values = gathered_gap.detach().double().flatten()
+    def observe(self, gathered: Tensor) -> None:
+        """A training micro-batch's values, gathered over all processes (identical on every process)."""
+        values = gathered.detach().double().flatten()
         if values.numel() == 0:
             return
-        self.mu = self.momentum * self.mu + (1 - self.momentum) * float(values.mean())
-        if values.numel() >= 2:
-            self.sigma = self.momentum * self.sigma + (1 - self.momentum) * float(values.std(unbiased=True))
+        if self.update_every == "micro_batch":
+            self._update(float(values.mean()), float(values.std()) if values.numel() >= 2 else None)
+        else:
+            self.pending_sum += float(values.sum())
+            self.pending_sum_sq += float(values.square().sum())
+            self.pending_count += values.numel()
+
+    def on_optimizer_step(self, reduce_sum: ReduceSum) -> None:
+        # The pending sums come from gathered values: already the same on every process, nothing to reduce.
+        count = self.pending_count
+        if self.update_every != "optimizer_step" or count == 0:
+            return
+        mean = self.pending_sum / count
+        std = math.sqrt(max(self.pending_sum_sq - count * mean * mean, 0.0) / (count - 1)) if count >= 2 else None
+        self._update(mean, std)
+        self.pending_sum, self.pending_sum_sq, self.pending_count = 0.0, 0.0, 0
+
+    def _update(self, mean: float, std: float | None) -> None:
+        self.mu = self.momentum * self.mu + (1 - self.momentum) * mean
+        self.mu_updates += 1
+        if std is not None:
+            self.sigma = self.momentum * self.sigma + (1 - self.momentum) * std
+            self.sigma_updates += 1
+
+    def estimate(self) -> tuple[float, float]:
+        """(μ, σ) for the loss: the stored moments, or their bias-corrected estimates."""
+        if not self.bias_correction:
+            return self.mu, self.sigma
+        return self._corrected(self.mu, self.mu_updates), self._corrected(self.sigma, self.sigma_updates)
+
+    def _corrected(self, value: float, updates: int) -> float:
+        return value / (1 - self.momentum**updates) if updates else value
 
 
-class BetaDPOController(Controller):
-    """β-DPO's batch-level β (Wu et al., 2024; ALGORITHMS.md §8).
-
-    ``M₀`` starts at the first training batch's ``M_batch`` (so the first β is β₀) and is updated on
-    training batches only: ``M₀ ← m·M₀ + (1 − m)·M_batch``.
+class BetaDPOController(RunningMoments):
+    """β-DPO's running μ, σ of the DPO logit Δ (Wu et al., 2024; docs/algorithms.md §8), plus the count of
+    training micro-batches, which seeds the data-filter sampling so that it is reproducible and survives resume.
     """
 
-    _state_fields = ("baseline",)
+    _state_fields = (*RunningMoments._state_fields, "batches")
 
-    def __init__(self, momentum: float = 0.9):
-        self.momentum = float(momentum)
-        self.baseline: float | None = None
+    def __init__(self, momentum: float = 0.9, update_every: str = "micro_batch", bias_correction: bool = False):
+        super().__init__(momentum, update_every, bias_correction)
+        self.batches = 0
 
-    def baseline_for(self, batch_mean: float) -> float:
-        """The M₀ to use for this batch (the batch's own mean before the first training batch)."""
-        return batch_mean if self.baseline is None else self.baseline
-
-    def update(self, batch_mean: float) -> None:
-        if self.baseline is None:
-            self.baseline = batch_mean
-        else:
-            self.baseline = self.momentum * self.baseline + (1 - self.momentum) * batch_mean
+    def sampling_generator(self, seed: int) -> torch.Generator:
+        """The same generator on every process for the same (seed, training micro-batch count)."""
+        return torch.Generator().manual_seed(seed + self.batches)

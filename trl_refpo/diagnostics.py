@@ -1,4 +1,4 @@
-"""The papers' diagnostics (ALGORITHMS.md §8).
+"""The papers' diagnostics (docs/algorithms.md §9).
 
 * 3D-properties (Yan et al., §3): per-step gradient magnitudes ``|∂loss/∂lp(y_w)|``, ``|∂loss/∂lp(y_l)|`` and
   their ratio, from the per-pair log-probs the loss already has — :func:`logp_gradient_metrics`, logged by

@@ -4,7 +4,8 @@ Every function takes per-pair tensors of shape ``(B,)`` (sums of completion-toke
 docstring says otherwise) and hyperparameters, and returns the per-pair losses ``(B,)``. Nothing here
 reads a model, a batch dict or trainer state: the trainer (or your own loop) computes the log-probs,
 the controllers in :mod:`trl_refpo.controllers` supply the adaptive β / margins, and these functions
-apply the paper's formula. The exact mathematics is ``shared/ALGORITHMS.md`` of the project.
+apply the paper's formula. The mathematics, and every deliberate difference from the authors' code, is
+``docs/algorithms.md``.
 
 Notation: ``lp(y) = Σ_t log π(y_t | x, y_<t)``; the DPO logit is
 ``Δ = [lp_θ(y_w) − lp_ref(y_w)] − [lp_θ(y_l) − lp_ref(y_l)]``.
@@ -54,7 +55,7 @@ def epsilon_dpo_pair_beta(beta: Scalar, epsilon: float, steps: Tensor) -> Tensor
 
 
 def epsilon_dpo_steps(logratio: Tensor, logratio_weaker_kl: Tensor, logratio_stronger_kl: Tensor) -> Tensor:
-    """ε-DPO step decision per pair (ALGORITHMS.md §1; the authors' released code).
+    """ε-DPO step decision per pair (docs/algorithms.md §1; the authors' released code).
 
     ``s = lp_θ(y_w) − lp_θ(y_l)``; ``s⁻`` / ``s⁺`` the same under the perturbed policies
     ``log_softmax((1+ε)·h_θ − ε·h_ref)`` (weaker KL, β/(1+ε)) and ``log_softmax((1−ε)·h_θ + ε·h_ref)``
@@ -122,7 +123,7 @@ def alpha_dpo_loss(
         margin = stopgrad(γ/β + α·(g − μ)/σ),   loss = −log σ(β·(u − margin)).
 
     The paper's Eq. 12 writes the margin as ``γ + α·M*`` outside the β factor; the authors' code
-    multiplies ``α·z`` by β, which is what this function (and ALGORITHMS.md §4) follows.
+    multiplies ``α·z`` by β, which is what this function (and docs/algorithms.md §4) follows.
     ``alpha=0`` is exactly :func:`simpo_loss`. ``label_smoothing`` > 0 gives the conservative loss of the authors'
     code (:func:`conservative_logsigmoid_loss` of ``β·(u − margin)``).
     """
@@ -162,7 +163,7 @@ def typo_loss(
     policy_ref_sample_logps: Tensor,
     typo_lambda: float,
 ) -> Tensor:
-    """TYPO (Xiao et al., "New Desiderata for Direct Preference Optimization", Eq. 14–17).
+    """TYPO (Hu, He and Wipf, "New Desiderata for Direct Preference Optimization", Eq. 14–17).
 
     ``log(1 + π_θ(y_l|x)/π_θ(y_w|x)) − λ·log π_θ(y_ref|x) = softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``
     where ``y_ref`` is a completion sampled from the reference policy for the same prompt.
@@ -170,14 +171,45 @@ def typo_loss(
     return F.softplus(policy_rejected_logps - policy_chosen_logps) - typo_lambda * policy_ref_sample_logps
 
 
-def beta_dpo_batch_beta(batch_mean_reward_gap: Tensor, beta: float, beta_dpo_alpha: float, baseline: Tensor) -> Tensor:
-    """β-DPO (Wu et al., 2024, "β-DPO: DPO with Dynamic β", Eq. 7): batch-level β.
+def beta_dpo_selection(
+    logits: Tensor, mu: Scalar, sigma: Scalar, filter_ratio: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """β-DPO's data filter (Wu et al., 2024, "β-DPO: DPO with Dynamic β"; the authors' ``trainers.py``).
 
-    ``β_batch = β₀·[1 + a·(M_batch − M₀)]`` clamped to ``≥ 1e-3·β₀``, with ``M_batch`` the batch mean of
-    ``β₀·Δ_i`` and ``M₀`` its running mean (see :class:`trl_refpo.controllers.BetaDPOController`).
-    The loss is :func:`sigmoid_dpo_loss` with ``beta=β_batch``.
+    Each pair gets the weight ``w_i = exp(−½((Δ_i − μ)/σ)²)`` (Δ_i the raw DPO logit, μ, σ its running moments);
+    ``⌊(1 − ρ)·N⌋`` pairs are drawn without replacement with probabilities ∝ w. Returns the boolean mask of the
+    selected pairs. Guards where the authors' code fails: at least one pair is kept (their ``⌊0.8·1⌋ = 0`` gives
+    a NaN β); σ ≈ 0 or non-finite weights (Δ ≡ 0 at the first step: ``0/0``) give uniform weights; pairs whose
+    weight underflows to 0 are drawn, uniformly, only after every other pair.
     """
-    return torch.clamp(beta * (1.0 + beta_dpo_alpha * (batch_mean_reward_gap - baseline)), min=1e-3 * beta)
+    count = logits.numel()
+    keep = max(1, int(count * (1 - filter_ratio)))
+    selected = torch.zeros(count, dtype=torch.bool, device=logits.device)
+    if keep >= count:
+        return selected.fill_(True)
+    values = logits.detach().float().cpu()  # float32 like the authors': multinomial's draws depend on the dtype
+    weights = torch.exp(-0.5 * ((values - float(mu)) / float(sigma)).square())
+    if abs(float(sigma)) < 1e-8 or not torch.isfinite(weights).all():
+        weights = torch.ones_like(values)
+    positive = (weights > 0).nonzero().flatten()
+    if positive.numel() >= keep:
+        index = torch.multinomial(weights, keep, replacement=False, generator=generator)
+    else:
+        zero = (weights == 0).nonzero().flatten()
+        extra = torch.multinomial(torch.ones(zero.numel()), keep - positive.numel(),
+                                  replacement=False, generator=generator)
+        index = torch.cat([positive, zero[extra]])
+    selected[index.to(logits.device)] = True
+    return selected
+
+
+def beta_dpo_batch_beta(selected_logit_mean: Scalar, beta: float, beta_dpo_alpha: float, mu: Scalar) -> Tensor:
+    """β-DPO (Wu et al., 2024, in the units of the authors' code): the batch's β.
+
+    ``β = max(β₀·[1 + a·(mean of Δ_i over the selected pairs − μ)], 1e-3)`` with Δ the raw DPO logit and μ its
+    running mean. The loss is :func:`sigmoid_dpo_loss` with this β, averaged over the selected pairs.
+    """
+    return torch.clamp(beta * (1.0 + beta_dpo_alpha * (torch.as_tensor(selected_logit_mean) - mu)), min=1e-3)
 
 
 def sft_loss(chosen_token_logps: Tensor, chosen_token_mask: Tensor) -> Tensor:

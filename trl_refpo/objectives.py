@@ -9,6 +9,7 @@ type means adding one small class here; the trainer has no per-loss branches.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -19,6 +20,8 @@ from torch import Tensor
 from . import losses, ref_completions
 from .controllers import BetaDPOController, Controller, EpsilonBetaController, RunningMoments
 from .trl_losses import TRL_PAIR_LOSSES
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +54,8 @@ class PairBatch:
 @dataclass
 class StepContext:
     training: bool
-    gather: Callable[[Tensor], Tensor]  # concatenates a tensor over all processes
+    gather: Callable[[Tensor], Tensor]  # concatenates a tensor over all processes, in process order
+    process_index: int = 0  # this process's block in what ``gather`` returns
 
 
 @dataclass
@@ -181,7 +185,7 @@ class AlphaDPO(_LengthNormalised):
 
     def __init__(self, args):
         super().__init__(args)
-        self.controller = RunningMoments(momentum=0.9)
+        self.controller = running_moments(RunningMoments, args, self.name, momentum=0.9)
 
     def __call__(self, pairs, ctx):
         chosen, rejected = self.policy_terms(pairs)
@@ -194,18 +198,16 @@ class AlphaDPO(_LengthNormalised):
         ref_rejected = self._normalise(ref_rejected_logps, ref_rejected_lengths)
         gap = ((chosen - rejected) - (ref_chosen - ref_rejected)).detach()
         if ctx.training:  # statistics first, then z with the updated μ, σ (authors' order)
-            self.controller.update(ctx.gather(gap))
-        moments = self.controller
+            self.controller.observe(ctx.gather(gap))
+        mu, sigma = self.controller.estimate()
         beta = self.args.beta
         per_pair = losses.alpha_dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha,
-            moments.mu, moments.sigma, self.args.label_smoothing,
+            chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha, mu,
+            sigma, self.args.label_smoothing,
         )
-        margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, moments.mu, moments.sigma)
+        margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, mu, sigma)
         metrics = {
-            "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()),
-            "alpha_dpo/mu": moments.mu,
-            "alpha_dpo/sigma": moments.sigma,
+            "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()), "alpha_dpo/mu": mu, "alpha_dpo/sigma": sigma
         }
         return ObjectiveOutput(per_pair, (beta * chosen).detach(), (beta * rejected).detach(), metrics)
 
@@ -222,7 +224,7 @@ class Probability(Objective):
 
 class EpsilonDPO(Objective):
     """ε-DPO (Lee et al., 2025, "KL Penalty Control via Perturbation for Direct Preference Optimization";
-    ALGORITHMS.md §1, the authors' released code): per-pair ``β_i = β / (1 + ε·step_i)`` from whether the
+    docs/algorithms.md §1, the authors' released code): per-pair ``β_i = β / (1 + ε·step_i)`` from whether the
     log-ratio ``s`` is monotone between the policies perturbed towards weaker and stronger KL, then
     ``−log σ(β_i·Δ_i)``. The baseline β moves once per optimizer step (:class:`EpsilonBetaController`).
 
@@ -275,29 +277,59 @@ class Likelihood(Objective):
 
 
 class BetaDPO(Objective):
+    """β-DPO (Wu et al., 2024, "β-DPO: Direct Preference Optimization with Dynamic β"; docs/algorithms.md §8), as
+    the authors' ``trainers.py`` runs it.
+
+    On the micro-batch gathered from every process: μ, σ of the raw DPO logit Δ move first (training only; once per
+    optimizer step instead with ``moments_update="optimizer_step"``), then
+    ⌊(1 − ρ)·N⌋ pairs are sampled ∝ ``exp(−½((Δ − μ)/σ)²)``, ``β = max(β₀·[1 + a·(mean Δ_selected − μ)], 1e-3)``
+    and each process averages ``−log σ(β·Δ_i)`` over its own selected rows. The sampling generator is seeded with
+    ``args.seed`` + the count of training micro-batches: the same selection on every process, and after resume.
+    Evaluation moves nothing; it samples the same way to compute β and averages the loss over every pair (the
+    authors' logged evaluation loss).
+    """
+
     name = "beta_dpo"
 
     def __init__(self, args):
         super().__init__(args)
-        self.controller = BetaDPOController(momentum=args.beta_dpo_momentum)
+        self.controller = running_moments(BetaDPOController, args, self.name, momentum=args.beta_dpo_momentum)
 
     def __call__(self, pairs, ctx):
         beta0 = self.args.beta
         ref_chosen, ref_rejected = pairs.reference()
         logits = losses.dpo_logits(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected).detach()
-        batch_mean = float(ctx.gather(beta0 * logits).mean())
-        baseline = self.controller.baseline_for(batch_mean)
-        beta = float(losses.beta_dpo_batch_beta(torch.tensor(batch_mean), beta0, self.args.beta_dpo_alpha,
-                                                torch.tensor(baseline)))
+        gathered = ctx.gather(logits)
         if ctx.training:
-            self.controller.update(batch_mean)
+            self.controller.observe(gathered)
+        mu, sigma = self.controller.estimate()
+        selected = losses.beta_dpo_selection(
+            gathered, mu, sigma, self.args.beta_dpo_filter_ratio, self.controller.sampling_generator(self.args.seed)
+        )
+        selected_mean = float(gathered[selected].mean())
+        beta = float(losses.beta_dpo_batch_beta(selected_mean, beta0, self.args.beta_dpo_alpha, mu))
         per_pair = losses.sigmoid_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, beta)
-        metrics = {"beta_dpo/beta": beta, "beta_dpo/reward_gap_mean": batch_mean, "beta_dpo/baseline": baseline}
-        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta, beta), metrics)
+        if ctx.training:
+            self.controller.batches += 1
+            local_size = logits.numel()
+            start = ctx.process_index * local_size
+            local = selected[start : start + local_size].to(per_pair.dtype)
+            # The pipeline takes mean() over the rows: these weights make it the mean over this process's
+            # selected rows (0 when it has none), as the authors' masked_losses.sum() / max(count, 1).
+            per_pair = per_pair * local * (local_size / local.sum().clamp(min=1))
+        metrics = {
+            "beta_dpo/beta": beta,
+            "beta_dpo/mu": mu,
+            "beta_dpo/sigma": sigma,
+            "beta_dpo/selected_logit_mean": selected_mean,
+            "beta_dpo/selected_fraction": float(selected.float().mean()),
+        }
+        return ObjectiveOutput(per_pair, *_logratio_rewards(pairs, beta0, beta0), metrics)
 
 
 class Typo(Objective):
-    """TYPO (ALGORITHMS.md §5): ``softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``, ``y_ref`` sampled from the reference.
+    """TYPO (docs/algorithms.md §5): ``softplus(lp_θ(y_l) − lp_θ(y_w)) − λ·lp_θ(y_ref)``, ``y_ref`` sampled from
+    the reference.
 
     ``y_ref`` comes from the column ``typo_ref_completion_column`` or is sampled once from the reference
     before training (:class:`~trl_refpo.ref_completions.ReferenceCompletions`). Its tokens are extra rows of
@@ -327,6 +359,25 @@ class Typo(Objective):
         metrics = {"typo/ref_completion_logps": float(ctx.gather(ref_sample_logps.detach()).mean())}
         # The supervised term is Bradley–Terry on lp_θ itself: the policy log-probs are TYPO's implicit rewards.
         return ObjectiveOutput(per_pair, pairs.chosen_logps.detach(), pairs.rejected_logps.detach(), metrics)
+
+
+def running_moments(cls: type[RunningMoments], args, loss_name: str, momentum: float) -> RunningMoments:
+    """The μ/σ controller of α-DPO / β-DPO as configured; warns when no update can see two pairs (σ stays 0)."""
+    pairs_per_update = args.per_device_train_batch_size * args.world_size
+    if args.moments_update == "optimizer_step":
+        pairs_per_update *= args.gradient_accumulation_steps
+    if pairs_per_update < 2:
+        consequence = {
+            "alpha_dpo": "z is 0 and α-DPO trains as SimPO",
+            "beta_dpo": "the data filter weighs every pair alike",
+        }[loss_name]
+        logger.warning(
+            f"{loss_name}: each update of its running σ sees {pairs_per_update} pair (moments_update="
+            f"{args.moments_update!r}, per_device_train_batch_size={args.per_device_train_batch_size}, "
+            f"{args.world_size} process(es)), so σ stays 0 and {consequence}. Use a larger "
+            "per_device_train_batch_size, or moments_update='optimizer_step' with gradient_accumulation_steps >= 2."
+        )
+    return cls(momentum=momentum, update_every=args.moments_update, bias_correction=args.moments_bias_correction)
 
 
 OBJECTIVES: dict[str, type[Objective]] = {

@@ -1,4 +1,4 @@
-"""ε-DPO's perturbed log-ratios without materialising a ``(2B, T, V)`` tensor (ALGORITHMS.md §1).
+"""ε-DPO's perturbed log-ratios without materialising a ``(2B, T, V)`` tensor (docs/algorithms.md §1).
 
 ε-DPO compares the chosen-minus-rejected log-ratio ``s`` of the policy with the same quantity under two
 mixtures of policy and reference logits, ``h⁻ = h_θ + ε·(h_θ − h_ref)`` (weaker KL) and

@@ -1,4 +1,4 @@
-"""Which reference source a trainer uses, decided once at construction (ALGORITHMS.md §7).
+"""Which reference source a trainer uses, decided once at construction (docs/algorithms.md §7).
 
 =========================================  ===============================================================
 what the user gives                        source

@@ -119,7 +119,7 @@ def tiny_bpe_tokenizer(vocab_size: int = 96, with_chat_template: bool = True) ->
 
 
 def naive_epsilon_dpo(policy, reference, batch: dict, beta: float, epsilon: float):
-    """ε-DPO (ALGORITHMS.md §1) written the way the authors' code does it: full ``(2B, T, V)`` logits of policy,
+    """ε-DPO (docs/algorithms.md §1) written the way the authors' code does it: full ``(2B, T, V)`` logits of policy,
     reference and both perturbed policies. The yardstick for :mod:`trl_refpo.perturbation` in tests and benchmarks.
 
     ``batch`` is a collated RefPO batch (``input_ids``, ``attention_mask``, ``completion_mask``; chosen rows first).

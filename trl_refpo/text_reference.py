@@ -1,5 +1,5 @@
 """A reference that re-scores the original TEXT: with its own tokenizer (cross-tokenizer), without the prompt
-(the prior ``p(y)``), or both (ALGORITHMS.md §6–7).
+(the prior ``p(y)``), or both (docs/algorithms.md §6–7).
 
 ``TextReference.prepare_dataset`` adds, next to TRL's ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``, the
 reference's own tokenisation of the same example:

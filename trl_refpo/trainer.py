@@ -3,7 +3,7 @@
     policy forward → reference source → objectives (with their β / margin controllers) → loss → metrics
 
 A ``loss_type`` made only of TRL's own types is handed to TRL's ``DPOTrainer`` unchanged (plus the
-``logps/accuracies`` metric). See ``shared/TRL_SEAM.md`` for why these overrides and no others.
+``logps/accuracies`` metric). See ``docs/design.md`` for why these overrides and no others.
 """
 
 from __future__ import annotations
@@ -287,7 +287,9 @@ class RefPOTrainer(_TRLDPOTrainer):
             pairs.ref_chosen_lengths, pairs.ref_rejected_lengths = reference.chosen_lengths, reference.rejected_lengths
         if self.perturbation is not None:
             pairs.perturbed_logratios = self.perturbation.logratios(inputs, num_pairs, self.args.epsilon)
-        ctx = StepContext(training=mode == "train", gather=self.accelerator.gather)
+        ctx = StepContext(
+            training=mode == "train", gather=self.accelerator.gather, process_index=self.accelerator.process_index
+        )
         loss_weights = self.args.loss_weights or [1.0] * len(self.objectives)
         loss = 0.0
         results = []
