@@ -1,13 +1,13 @@
 """``trl-refpo dpo``: recipes parse as written, legacy keys keep their old meaning or fail clearly, bad input
 gives one-line errors, and a tiny end-to-end run trains from a recipe on a local model and dataset."""
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from trl_refpo import cli
 from trl_refpo.cli import RecipeError, main, parse_recipe, run_dpo
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
 
@@ -198,8 +198,8 @@ def test_missing_model_path_is_one_line(tmp_path, tiny_jsonl, capsys):
 
 
 def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_jsonl):
-    real_find_spec = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
                         real_find_spec(name, *a))
     zero2 = Path(__file__).parent.parent / "examples" / "accelerate_configs" / "zero2.yaml"
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
