@@ -41,30 +41,42 @@ recipe key                            what trl-refpo does
 
 Any other unknown key is an error naming it (with the closest valid names). A translated key that
 contradicts a key also present (e.g. ``torch_dtype`` and ``dtype``) is an error.
-Errors in the recipe, a model path that does not exist or a ZeRO launch without DeepSpeed installed
-print one line (``trl-refpo dpo: error: ...``) and exit with status 2; set ``TRL_REFPO_DEBUG=1`` for
-the traceback.
-"""
 
+``max_prompt_length`` / ``max_completion_length`` also hold for a reference that re-scores the text (its own
+tokenizer, or ``ref_prompt: none``): it keeps the same prompt and completion TEXT the policy keeps.
+
+Every mistake in the setup — the recipe, a model / tokenizer / dataset that does not exist or lacks ``chosen`` /
+``rejected``, a setting needing a package that is not installed, a launch whose processes the trainer would not
+see — prints one line (``trl-refpo dpo: error: ...``) and exits with status 2, before training; ``--debug`` (or
+``TRL_REFPO_DEBUG=1``) shows the traceback instead. After training the output folder holds what the
+alignment-handbook's ``scripts/dpo.py`` leaves: the model, its card (tagged ``trl-refpo`` and the loss types),
+``train_results.json``, ``trainer_state.json`` and, with an eval split (final ``evaluate()``),
+``eval_results.json``; ``all_results.json`` holds both. trl-refpo's own log lines follow the recipe's
+``log_level``.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
 
-from ..offline_models import OfflineModelUnavailable
 from .checks import check_model_path
 from .datasets import load_handbook_mixture, load_recipe_dataset
 from .errors import PROG, RecipeError
 from .launch import launch
 from .legacy import LEGACY_KEYS, translate_legacy
 from .parsing import ParsedRecipe, RecipeArguments, build_parser, parse_recipe
-from .run import run_dpo
+from .run import build_trainer, run_dpo, train_and_save
+
+DEBUG_ENV = "TRL_REFPO_DEBUG"
+# Setup errors: our own checks', and those of loading the model, tokenizer and dataset (OfflineModelUnavailable is an
+# ImportError, as is a missing optional package).
+SETUP_ERRORS = (RecipeError, ValueError, OSError, KeyError, ImportError)
 
 __all__ = [
-    "LEGACY_KEYS", "ParsedRecipe", "RecipeArguments", "RecipeError", "build_parser", "check_model_path",
-    "launch", "load_handbook_mixture", "load_recipe_dataset", "main", "parse_recipe", "run_dpo",
-    "translate_legacy",
+    "LEGACY_KEYS", "ParsedRecipe", "RecipeArguments", "RecipeError", "build_parser", "build_trainer",
+    "check_model_path", "launch", "load_handbook_mixture", "load_recipe_dataset", "main", "parse_recipe", "run_dpo",
+    "train_and_save", "translate_legacy",
 ]
 
 
@@ -83,14 +95,36 @@ def main(argv: list[str] | None = None) -> int:
     if command != "dpo":
         print(f"trl-refpo: error: unknown command {command!r}; the only command is 'dpo'.\n{USAGE}", file=sys.stderr)
         return 2
+    debug = _pop_debug_flag(rest) or bool(os.environ.get(DEBUG_ENV))
     try:
         parsed = parse_recipe(rest)
         if parsed.launch_args:
+            if debug:
+                os.environ[DEBUG_ENV] = "1"  # for the processes `accelerate launch` starts
             return launch(parsed)
-        run_dpo(parsed)
-    except (RecipeError, OfflineModelUnavailable) as error:
-        if os.environ.get("TRL_REFPO_DEBUG"):
+        trainer = build_trainer(parsed)
+    except SETUP_ERRORS as error:
+        if debug:
             raise
-        print(f"{PROG}: error: {error}", file=sys.stderr)
+        # Our checks fail alike on every process of a launch: one line, from the first.
+        if not isinstance(error, RecipeError) or os.environ.get("RANK", "0") == "0":
+            print(f"{PROG}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    train_and_save(trainer, parsed)
     return 0
+
+
+def _pop_debug_flag(argv: list[str]) -> bool:
+    """Take a bare ``--debug`` out of ``argv``; ``--debug <option>`` stays (``TrainingArguments.debug``)."""
+    for index, token in enumerate(argv):
+        if token == "--debug" and (index + 1 == len(argv) or argv[index + 1].startswith("--")):
+            del argv[index]
+            return True
+    return False
+
+
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, RecipeError):
+        return str(error)
+    text = " ".join(str(error).split()) if not isinstance(error, KeyError) else f"missing key {error}"
+    return f"{text or type(error).__name__} (--debug or {DEBUG_ENV}=1 shows the traceback)"

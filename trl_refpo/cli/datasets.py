@@ -9,6 +9,18 @@ from trl import DatasetMixtureConfig
 from .errors import RecipeError
 from .parsing import RecipeArguments
 
+PREFERENCE_COLUMNS = ("chosen", "rejected")
+
+
+def check_preference_columns(column_names, what: str) -> None:
+    """A DPO dataset has ``chosen`` and ``rejected`` (text or messages; ``*_ids`` when pre-tokenised)."""
+    missing = [c for c in PREFERENCE_COLUMNS if c not in column_names and f"{c}_ids" not in column_names]
+    if missing:
+        raise RecipeError(
+            f"{what} has no column(s) {missing} (it has {list(column_names)}): a DPO dataset needs `chosen` and "
+            "`rejected` (and optionally `prompt`). Rename its columns, or pick another dataset or split."
+        )
+
 
 def _load_split(dataset_id: str, config: str | None, split: str | None):
     import datasets
@@ -64,6 +76,7 @@ def load_handbook_mixture(mixture: dict):
                 raise RecipeError(f"Dataset {entry['id']!r} has no column(s) {sorted(missing)}; it has {part.column_names}.")
             part = part.select_columns(entry["columns"])
             column_sets.append(set(entry["columns"]))
+        check_preference_columns(part.column_names, f"Dataset {entry['id']!r} (split {entry.get('split', 'train')!r})")
         weight = entry.get("weight")
         if weight is not None:
             if not 0 < float(weight) <= 1:

@@ -112,18 +112,6 @@ def translate_legacy(legacy: dict, training_args: RefPOConfig, model_args: Model
             limits[key] = value
             notes.append(f"{key}: {value} → {'prompts keep their last' if 'prompt' in key else 'completions keep their first'} "
                          f"{value} tokens")
-    if limits:
-        retokenising = {
-            "ref_tokenizer_name_or_path": training_args.ref_tokenizer_name_or_path is not None,
-            "ref_prompt: none": training_args.ref_prompt == "none",
-        }
-        conflicts = [name for name, is_set in retokenising.items() if is_set]
-        if conflicts:
-            raise RecipeError(
-                f"{sorted(limits)} cut the policy's token ids, but {conflicts} make the reference re-score the original "
-                "text, which those limits cannot reach. Replace them with max_length (the reference then keeps the same "
-                "text as the policy)."
-            )
     if len(limits) == 2 and "max_length" not in explicit:
         overrides["max_length"] = limits["max_prompt_length"] + limits["max_completion_length"]
         notes.append(f"max_length: {overrides['max_length']} (= max_prompt_length + max_completion_length)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +38,14 @@ class RecipeArguments(ScriptArguments):
 DATACLASS_TYPES = (RecipeArguments, RefPOConfig, ModelConfig, DatasetMixtureConfig)
 
 def build_parser() -> TrlParser:
-    return TrlParser(DATACLASS_TYPES, prog=PROG)
+    parser = TrlParser(DATACLASS_TYPES, prog=PROG)
+    parser.error = _raise_recipe_error  # argparse would print the whole usage (~180 lines) before the message
+    return parser
+
+
+def _raise_recipe_error(message: str):
+    # "argument --beta: invalid float value: 'high'" → "beta: invalid float value: 'high'" (recipe key or flag)
+    raise RecipeError(re.sub(r"^argument --([\w-]+)(/--[\w-]+)*:", r"\1:", message))
 
 
 def _parser_dests(parser) -> set[str]:
