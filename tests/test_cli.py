@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from trl_refpo.cli import RecipeError, main, parse_recipe, run_dpo
-from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
+from trl_refpo.cli import RecipeError, build_trainer, main, parse_recipe, run_dpo
+from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer, toy_preference_dataset
 
 RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.yaml"))
 CPU = ["--use_cpu", "--bf16", "false"]
@@ -26,6 +26,16 @@ def tiny_model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_model")
     tokenizer = tiny_tokenizer()
     tiny_llama(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_ref_dir(tmp_path_factory):
+    """A reference with another tokenizer (character BPE, merges across spaces, its own BOS / EOS)."""
+    folder = tmp_path_factory.mktemp("tiny_ref")
+    tokenizer = tiny_bpe_tokenizer()
+    tiny_llama(tokenizer, seed=1).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return str(folder)
 
@@ -91,12 +101,52 @@ def test_max_prompt_and_completion_length_set_max_length(tmp_path):
     assert (parsed.max_prompt_length, parsed.max_completion_length) == (64, 32)
 
 
-@pytest.mark.parametrize("reference", [dict(loss_type="likelihood"),
-                                       dict(ref_model_name_or_path="r", ref_tokenizer_name_or_path="r")])
-def test_legacy_length_limits_with_a_retokenising_reference_are_rejected(tmp_path, reference):
-    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64, **reference)
-    with pytest.raises(RecipeError, match="max_length"):
-        parse_recipe(["--config", path, *CPU])
+@pytest.mark.parametrize("prompt_limit, completion_limit", [(3, 2), (2, None), (None, 1)])
+def test_legacy_length_limits_keep_the_same_text_for_a_cross_tokenizer_reference(
+    tmp_path, tiny_model_dir, tiny_ref_dir, tiny_jsonl, prompt_limit, completion_limit
+):
+    """max_prompt_length / max_completion_length cut the policy's ids; the reference (another tokenizer, whose
+    BPE merges cross spaces) keeps exactly its tokens lying wholly inside the character span the policy keeps."""
+    from transformers import AutoTokenizer
+
+    limits = {k: v for k, v in (("max_prompt_length", prompt_limit), ("max_completion_length", completion_limit)) if v}
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, ref_model_name_or_path=tiny_ref_dir,
+                       ref_tokenizer_name_or_path=tiny_ref_dir, **limits)
+    trainer = build_trainer(parse_recipe(["--config", path]))
+    assert len(trainer.train_dataset) == 24  # prompts longer than max_length are cut, not dropped (TRL ≤ 0.19)
+    policy_tokenizer, ref_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (tiny_model_dir, tiny_ref_dir))
+    checked = 0
+    for example in trainer.train_dataset:  # TRL keeps the text columns (its EOS appended to the completions)
+        for side in ("chosen", "rejected"):
+            text = example["prompt"] + example[side].removesuffix(policy_tokenizer.eos_token)
+            policy = policy_tokenizer(text + policy_tokenizer.eos_token, return_offsets_mapping=True)["offset_mapping"]
+            prompt_len = len(policy_tokenizer(example["prompt"])["input_ids"])
+            first = prompt_len - min(prompt_len, prompt_limit or prompt_len)
+            last = prompt_len + min(len(policy) - prompt_len, completion_limit or len(policy)) - 1
+            char_start = policy[first][0] if first > 0 else 0
+            char_end = policy[last][1] if last < len(policy) - 1 else len(text) + 1
+            full_ids = policy_tokenizer(text + policy_tokenizer.eos_token)["input_ids"]
+            assert example["prompt_ids"] + example[f"{side}_ids"] == full_ids[first : last + 1]  # as TRL ≤ 0.19 cut
+            reference = ref_tokenizer(text + ref_tokenizer.eos_token, return_offsets_mapping=True)
+            spans = reference["offset_mapping"]
+            inside = [i for i, (s, e) in enumerate(spans) if s >= char_start and e <= char_end and (s, e) != (0, 0)]
+            expected_start = inside[0] if first > 0 else 0
+            expected_end = inside[-1] + 1 if char_end <= len(text) else len(spans)
+            kept = example["ref_prompt_ids"][example[f"ref_{side}_prompt_start"] :] + example[f"ref_{side}_ids"]
+            assert kept == reference["input_ids"][expected_start:expected_end], (text, side)
+            checked += (first > 0) + (char_end <= len(text))
+    assert checked > 10  # the limits did cut most examples, on both sides
+
+
+def test_legacy_length_limits_with_a_prior_reference_keep_the_policys_completion(tmp_path, tiny_model_dir, tiny_jsonl):
+    """ref_prompt: none (likelihood): the prompt limit does not touch the prior; the completion limit cuts it alike."""
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, loss_type="likelihood", max_prompt_length=2,
+                       max_completion_length=2)
+    trainer = build_trainer(parse_recipe(["--config", path]))
+    for example in trainer.train_dataset:
+        for side in ("chosen", "rejected"):
+            assert example[f"ref_{side}_prompt_start"] == 0 and len(example["prompt_ids"]) <= 2
+            assert example[f"ref_{side}_ids"] == example[f"{side}_ids"]  # the same tokenizer: the same 2 tokens
 
 
 def test_explicit_max_length_is_kept(tmp_path):

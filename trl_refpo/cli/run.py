@@ -9,6 +9,8 @@ import sys
 from enum import Enum
 from pathlib import Path
 
+from trl import DPOTrainer as _TRLDPOTrainer
+
 from ..offline_models import resolve_model_path
 from ..text_reference import TextReference
 from ..trainer import RefPOTrainer
@@ -21,12 +23,26 @@ from .parsing import ParsedRecipe
 LIBRARY_LOGGER = "trl_refpo"
 
 
-class _LegacyLengthTrainer(RefPOTrainer):
+class _TokeniseWithoutDropping(_TRLDPOTrainer):
+    """TRL's tokenisation without its drop of examples whose prompt alone fills ``max_length``: that drop must see
+    the prompt AFTER ``max_prompt_length`` cut it (TRL ≤ 0.19 cut first), so :class:`_LegacyLengthTrainer` makes it.
+    Placed after ``RefPOTrainer`` in the MRO, so it runs before the reference columns are added."""
+
+    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+        max_length, args.max_length = args.max_length, None  # TRL reads max_length here only for that drop
+        try:
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        finally:
+            args.max_length = max_length
+
+
+class _LegacyLengthTrainer(RefPOTrainer, _TokeniseWithoutDropping):
     """``RefPOTrainer`` that also applies TRL ≤ 0.19's ``max_prompt_length`` / ``max_completion_length``.
 
     Prompt token ids keep their last ``max_prompt_length`` tokens and chosen / rejected ids their first
-    ``max_completion_length`` tokens, right after TRL tokenises the dataset. A reference that re-scores the text
-    (its own tokenizer, or no prompt) keeps the same text: it is told the limits before it tokenises.
+    ``max_completion_length`` tokens, right after TRL tokenises the dataset; then, as TRL does with ``keep_start``,
+    examples whose (cut) prompt alone fills ``max_length`` are dropped. A reference that re-scores the text (its
+    own tokenizer, or no prompt) keeps the same text: it is told the limits before it tokenises.
     """
 
     def __init__(self, *args, max_prompt_length=None, max_completion_length=None, **kwargs):
@@ -53,7 +69,10 @@ class _LegacyLengthTrainer(RefPOTrainer):
         import datasets
 
         kwargs = {"num_proc": args.dataset_num_proc} if isinstance(dataset, datasets.Dataset) else {}
-        return dataset.map(truncate, **kwargs)
+        dataset = dataset.map(truncate, **kwargs)
+        if args.max_length is not None and args.truncation_mode == "keep_start":
+            dataset = dataset.filter(lambda example: len(example["prompt_ids"]) < args.max_length, **kwargs)
+        return dataset
 
 
 def _is_main_process() -> bool:
