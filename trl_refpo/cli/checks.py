@@ -117,7 +117,13 @@ def required_packages(training_args, model_args) -> dict[str, str]:
 
 
 def check_required_packages(training_args, model_args) -> None:
-    for setting, package in required_packages(training_args, model_args).items():
-        if importlib.util.find_spec(MODULE_OF_PACKAGE[package]) is None:
-            raise RecipeError(f"`{setting}` needs the package {package!r}, which is not installed: pip install {package} "
-                              "(or change that setting).")
+    """One line naming every setting whose package is missing, and the one ``pip install`` that fixes them all."""
+    missing = {
+        setting: package
+        for setting, package in required_packages(training_args, model_args).items()
+        if importlib.util.find_spec(MODULE_OF_PACKAGE[package]) is None
+    }
+    if missing:
+        needs = "; ".join(f"`{setting}` needs the package {package!r}" for setting, package in missing.items())
+        raise RecipeError(f"{needs}, not installed: pip install {' '.join(dict.fromkeys(missing.values()))} (or change "
+                          f"{'that setting' if len(missing) == 1 else 'those settings'}).")
