@@ -16,7 +16,7 @@ import yaml
 from deepspeed_launcher import free_port
 from trl_refpo.cli import RecipeError, build_trainer, main, parse_recipe, run_dpo
 from trl_refpo.cli.checks import required_packages
-from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer, toy_preference_dataset
+from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer, tiny_tokenizer, toy_preference_dataset
 
 RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.yaml"))
 CPU = ["--use_cpu", "--bf16", "false"]
@@ -30,21 +30,13 @@ def write_recipe(tmp_path, **keys) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer())
 
 
 @pytest.fixture(scope="module")
 def tiny_ref_dir(tmp_path_factory):
     """A reference with another tokenizer (character BPE, merges across spaces, its own BOS / EOS)."""
-    folder = tmp_path_factory.mktemp("tiny_ref")
-    tokenizer = tiny_bpe_tokenizer()
-    tiny_llama(tokenizer, seed=1).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_ref"), tiny_bpe_tokenizer(), seed=1)
 
 
 @pytest.fixture(scope="module")
