@@ -51,8 +51,8 @@ def check_launched_processes(training_args) -> None:
             raise RecipeError(_zero_with_use_cpu())
         if not _cuda_available():  # decided before DeepSpeed's own setup (which compiles ops for minutes on CPU)
             raise RecipeError(_zero_without_cuda(launched))
-    seen = training_args.world_size
-    if launched > 1 and seen != launched:
+    seen = training_args.world_size if launched > 1 else 1
+    if seen != launched:
         hint = (
             _no_gpu_hint()
             if not _cuda_available() and not training_args.use_cpu
