@@ -207,7 +207,9 @@ def _policy_window(
     prompt's last ``max_prompt_length`` and the completion's first ``max_completion_length`` tokens, then the
     collator's ``max_length`` cut of their concatenation."""
     start = prompt_len - min(prompt_len, max_prompt_length) if max_prompt_length is not None else 0
-    end = prompt_len + (min(completion_len, max_completion_length) if max_completion_length is not None else completion_len)
+    if max_completion_length is not None:
+        completion_len = min(completion_len, max_completion_length)
+    end = prompt_len + completion_len
     if max_length is not None and end - start > max_length:
         if truncation_mode == "keep_start":
             end = start + max_length

@@ -54,7 +54,8 @@ def check_tokenizer_path(name_or_path: str, trust_remote_code: bool = False, key
         if not any(os.path.isfile(os.path.join(path, name)) for name in TOKENIZER_FILES) and not any(
             Path(path).glob("*.gguf")
         ):
-            raise RecipeError(f"{key} {name_or_path!r} is a folder without tokenizer files ({', '.join(TOKENIZER_FILES)}).")
+            files = ", ".join(TOKENIZER_FILES)
+            raise RecipeError(f"{key} {name_or_path!r} is a folder without tokenizer files ({files}).")
         return path
     from transformers import AutoTokenizer
 

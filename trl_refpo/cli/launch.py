@@ -33,8 +33,8 @@ def _no_gpu_hint() -> str:
 
 def _zero_with_use_cpu() -> str:
     return (
-        "`use_cpu: true` with a DeepSpeed (ZeRO) launch: accelerate would drop DeepSpeed and train plain data-parallel. "
-        f"ZeRO runs on GPUs (remove use_cpu there); on CPU launch with {CPU_DATA_PARALLEL}."
+        "`use_cpu: true` with a DeepSpeed (ZeRO) launch: accelerate would drop DeepSpeed and train plain "
+        f"data-parallel. ZeRO runs on GPUs (remove use_cpu there); on CPU launch with {CPU_DATA_PARALLEL}."
     )
 
 
@@ -59,8 +59,8 @@ def check_launched_processes(training_args) -> None:
             else "check the launcher's num_processes and the accelerate config's distributed_type"
         )
         raise RecipeError(
-            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but the trainer sees {seen}: each would "
-            f"train alone into the same output_dir; {hint}."
+            f"The launcher started {launched} processes (WORLD_SIZE={launched}) but the trainer sees {seen}: each "
+            f"would train alone into the same output_dir; {hint}."
         )
 
 
@@ -96,7 +96,8 @@ def launch(parsed: ParsedRecipe) -> int:
         if not _cuda_available():
             raise RecipeError(_zero_without_cuda(processes))
     elif multi_gpu and int(processes) > 1 and not parsed.training_args.use_cpu and not _cuda_available():
-        raise RecipeError(f"{processes} processes with a multi-GPU launch ({config_file or '--multi_gpu'}) but {_no_gpu_hint()}.")
+        launcher = config_file or "--multi_gpu"
+        raise RecipeError(f"{processes} processes with a multi-GPU launch ({launcher}) but {_no_gpu_hint()}.")
     args = launch_command_parser().parse_args(launch_args + ["-m", "trl_refpo.cli", "dpo", *parsed.script_argv])
     try:
         launch_command(args)

@@ -193,9 +193,12 @@ def train_and_save(trainer: RefPOTrainer, parsed: ParsedRecipe) -> RefPOTrainer:
     trainer.save_state()
     trainer.save_model(training_args.output_dir)
     if trainer.accelerator.is_main_process:
+        mixture = (script_args.dataset_mixture or {}).get("datasets") or []
+        names = [script_args.dataset_name, *(entry["id"] for entry in mixture)]
+        hub_ids = [name for name in names if name and not os.path.exists(name)]
         trainer.create_model_card(
             model_name=Path(training_args.output_dir).name,
-            dataset_name=script_args.dataset_name,
+            dataset_name=", ".join(hub_ids) or None,  # the card links it on the Hub: local files are not named
             tags=list(dict.fromkeys(training_args.loss_type)),
         )
     trainer.accelerator.print(f"[{PROG}] model saved to {training_args.output_dir}")
