@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 PROMPT_MODES = ("full", "none")
 EMPTY_USER_TURN = [{"role": "user", "content": ""}]
 SIDES = ("chosen", "rejected")
+NO_TRUNCATION = "set max_length=None (and remove a recipe's max_prompt_length / max_completion_length)"
 
 
 class TextReference(ModelReference):
@@ -225,13 +226,13 @@ def _offsets(tokenizer, text: str, add_special_tokens: bool, expected_ids: list[
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"Truncating a reference that re-scores text (max_length) needs a fast {who} tokenizer (character "
-            "offsets); got a slow one. Use a fast tokenizer, or set max_length=None."
+            f"offsets); got a slow one. Use a fast tokenizer, or {NO_TRUNCATION}."
         )
     encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     if list(encoding["input_ids"]) != list(expected_ids):
         raise ValueError(
-            f"Cannot align truncation: re-tokenising the {who} text does not reproduce its token ids. Set "
-            "max_length=None, or a max_length no example exceeds."
+            f"Cannot align truncation: re-tokenising the {who} text does not reproduce its token ids: "
+            f"{NO_TRUNCATION}, or limits no example exceeds."
         )
     spans, previous_end = [], 0
     for start, end in encoding["offset_mapping"]:
@@ -252,7 +253,7 @@ def _locate(text: str, pieces: list[str], cursor: int, who: str) -> list[tuple[i
         if position < 0:
             raise ValueError(
                 f"Cannot align truncation: the {who} rendering does not contain the message text {piece[:40]!r} "
-                "verbatim (its chat template rewrites it). Set max_length=None, or a max_length no example exceeds."
+                f"verbatim (its chat template rewrites it): {NO_TRUNCATION}, or limits no example exceeds."
             )
         spans.append((position, position + len(piece)))
         cursor = position + len(piece)
@@ -283,7 +284,7 @@ def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, polic
         messages = (example["prompt"] if prompt_mode_full else []) + example[side]
         pieces = [message["content"] for message in messages]
         if not all(isinstance(piece, str) for piece in pieces):
-            raise ValueError("Cannot align truncation for multimodal message contents. Set max_length=None.")
+            raise ValueError(f"Cannot align truncation for multimodal message contents: {NO_TRUNCATION}.")
         policy_cursor = 0 if prompt_mode_full else completion_cursor
     else:
         completion = _strip_suffix(example[side], policy_tokenizer.eos_token)
