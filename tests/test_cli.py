@@ -1,15 +1,22 @@
 """``trl-refpo dpo``: recipes parse as written, legacy keys keep their old meaning or fail clearly, bad input
 gives one-line errors, and a tiny end-to-end run trains from a recipe on a local model and dataset."""
 
+import importlib.util
 import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
-from trl_refpo import cli
-from trl_refpo.cli import RecipeError, main, parse_recipe, run_dpo
-from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
+from deepspeed_launcher import free_port
+from trl_refpo.cli import RecipeError, build_trainer, main, parse_recipe, run_dpo
+from trl_refpo.cli.checks import required_packages
+from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer, tiny_tokenizer, toy_preference_dataset
 
 RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.yaml"))
 CPU = ["--use_cpu", "--bf16", "false"]
@@ -23,11 +30,13 @@ def write_recipe(tmp_path, **keys) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = tiny_tokenizer()
-    tiny_llama(tokenizer).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_model"), tiny_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def tiny_ref_dir(tmp_path_factory):
+    """A reference with another tokenizer (character BPE, merges across spaces, its own BOS / EOS)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_ref"), tiny_bpe_tokenizer(), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +100,52 @@ def test_max_prompt_and_completion_length_set_max_length(tmp_path):
     assert (parsed.max_prompt_length, parsed.max_completion_length) == (64, 32)
 
 
-@pytest.mark.parametrize("reference", [dict(loss_type="likelihood"),
-                                       dict(ref_model_name_or_path="r", ref_tokenizer_name_or_path="r")])
-def test_legacy_length_limits_with_a_retokenising_reference_are_rejected(tmp_path, reference):
-    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64, **reference)
-    with pytest.raises(RecipeError, match="max_length"):
-        parse_recipe(["--config", path, *CPU])
+@pytest.mark.parametrize("prompt_limit, completion_limit", [(3, 2), (2, None), (None, 1)])
+def test_legacy_length_limits_keep_the_same_text_for_a_cross_tokenizer_reference(
+    tmp_path, tiny_model_dir, tiny_ref_dir, tiny_jsonl, prompt_limit, completion_limit
+):
+    """max_prompt_length / max_completion_length cut the policy's ids; the reference (another tokenizer, whose
+    BPE merges cross spaces) keeps exactly its tokens lying wholly inside the character span the policy keeps."""
+    from transformers import AutoTokenizer
+
+    limits = {k: v for k, v in (("max_prompt_length", prompt_limit), ("max_completion_length", completion_limit)) if v}
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, ref_model_name_or_path=tiny_ref_dir,
+                       ref_tokenizer_name_or_path=tiny_ref_dir, **limits)
+    trainer = build_trainer(parse_recipe(["--config", path]))
+    assert len(trainer.train_dataset) == 24  # prompts longer than max_length are cut, not dropped (TRL ≤ 0.19)
+    policy_tokenizer, ref_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (tiny_model_dir, tiny_ref_dir))
+    checked = 0
+    for example in trainer.train_dataset:  # TRL keeps the text columns (its EOS appended to the completions)
+        for side in ("chosen", "rejected"):
+            text = example["prompt"] + example[side].removesuffix(policy_tokenizer.eos_token)
+            policy = policy_tokenizer(text + policy_tokenizer.eos_token, return_offsets_mapping=True)["offset_mapping"]
+            prompt_len = len(policy_tokenizer(example["prompt"])["input_ids"])
+            first = prompt_len - min(prompt_len, prompt_limit or prompt_len)
+            last = prompt_len + min(len(policy) - prompt_len, completion_limit or len(policy)) - 1
+            char_start = policy[first][0] if first > 0 else 0
+            char_end = policy[last][1] if last < len(policy) - 1 else len(text) + 1
+            full_ids = policy_tokenizer(text + policy_tokenizer.eos_token)["input_ids"]
+            assert example["prompt_ids"] + example[f"{side}_ids"] == full_ids[first : last + 1]  # as TRL ≤ 0.19 cut
+            reference = ref_tokenizer(text + ref_tokenizer.eos_token, return_offsets_mapping=True)
+            spans = reference["offset_mapping"]
+            inside = [i for i, (s, e) in enumerate(spans) if s >= char_start and e <= char_end and (s, e) != (0, 0)]
+            expected_start = inside[0] if first > 0 else 0
+            expected_end = inside[-1] + 1 if char_end <= len(text) else len(spans)
+            kept = example["ref_prompt_ids"][example[f"ref_{side}_prompt_start"] :] + example[f"ref_{side}_ids"]
+            assert kept == reference["input_ids"][expected_start:expected_end], (text, side)
+            checked += (first > 0) + (char_end <= len(text))
+    assert checked > 10  # the limits did cut most examples, on both sides
+
+
+def test_legacy_length_limits_with_a_prior_reference_keep_the_policys_completion(tmp_path, tiny_model_dir, tiny_jsonl):
+    """ref_prompt: none (likelihood): the prompt limit does not touch the prior; the completion limit cuts it alike."""
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, loss_type="likelihood", max_prompt_length=2,
+                       max_completion_length=2)
+    trainer = build_trainer(parse_recipe(["--config", path]))
+    for example in trainer.train_dataset:
+        for side in ("chosen", "rejected"):
+            assert example[f"ref_{side}_prompt_start"] == 0 and len(example["prompt_ids"]) <= 2
+            assert example[f"ref_{side}_ids"] == example[f"{side}_ids"]  # the same tokenizer: the same 2 tokens
 
 
 def test_explicit_max_length_is_kept(tmp_path):
@@ -198,8 +247,8 @@ def test_missing_model_path_is_one_line(tmp_path, tiny_jsonl, capsys):
 
 
 def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_jsonl):
-    real_find_spec = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
                         real_find_spec(name, *a))
     zero2 = Path(__file__).parent.parent / "examples" / "accelerate_configs" / "zero2.yaml"
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
@@ -209,6 +258,18 @@ def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, ca
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     assert main(["dpo", "--config", path]) == 2
     assert 'pip install "trl-refpo[deepspeed]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("keys, needs", [
+    (dict(attn_implementation="flash_attention_2"), {"attn_implementation: flash_attention_2": "flash-attn"}),
+    (dict(use_liger_kernel=True), {"use_liger_kernel: true": "liger-kernel"}),
+    (dict(load_in_4bit=True, use_peft=True), {"load_in_4bit: true": "bitsandbytes"}),
+    (dict(optim="paged_adamw_32bit"), {"optim: paged_adamw_32bit": "bitsandbytes"}),
+    (dict(optim="adamw_torch", attn_implementation="sdpa"), {}),
+])
+def test_settings_name_the_package_they_need(tmp_path, keys, needs):
+    parsed = parse_recipe(["--config", write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", **keys), *CPU])
+    assert required_packages(parsed.training_args, parsed.model_args) == needs
 
 
 def test_launch_options_are_separated(tmp_path):
@@ -237,3 +298,170 @@ def test_console_main_trains(tmp_path, tiny_model_dir, tiny_jsonl):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, max_steps=1)
     assert main(["dpo", "--config", path, "--loss_type", "sigmoid", "--rpo_alpha", "0.5"]) == 0
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------------ the CLI as users run it
+# Each case runs `python -m trl_refpo.cli dpo` (or `accelerate launch` of it) in a fresh process, as a user would; the
+# runs share one thread pool so the suite waits for the slowest, not the sum.
+ROOT = Path(__file__).resolve().parent.parent
+ACCELERATE_CONFIGS = ROOT / "examples" / "accelerate_configs"
+ERROR_PREFIX = "trl-refpo dpo: error: "
+NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU launch checks")
+
+
+def cli_command(recipe: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "trl_refpo.cli", "dpo", "--config", recipe, *args]
+
+
+def accelerate_command(config: str, recipe: str, processes: int = 2) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config),
+            "--num_processes", str(processes), "--main_process_port", str(free_port()), *cli_command(recipe)[1:]]
+
+
+def run_process(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("TRL_REFPO_DEBUG", None)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+# name: (recipe keys given the fixture folders, extra CLI args / "launch" config, expected error line start, run it?)
+ONE_LINE_CASES = {
+    "different_tokenizer_without_ref_tokenizer": (
+        lambda d: dict(ref_model_name_or_path=d["ref"]), (), "The reference model's tokenizer (", True),
+    "missing_ref_model_folder": (
+        lambda d: dict(ref_model_name_or_path=d["tmp"] + "/no_ref"), (), "ref_model_name_or_path '{tmp}/no_ref' does "
+        "not exist (no such folder).", True),
+    "missing_ref_model_name": (
+        lambda d: dict(ref_model_name_or_path="nobody/no-such-model"), (),
+        "ref_model_name_or_path 'nobody/no-such-model' does not exist: no local folder", True),
+    "missing_ref_tokenizer": (
+        lambda d: dict(ref_model_name_or_path=d["ref"], ref_tokenizer_name_or_path=d["tmp"] + "/no_tok"), (),
+        "ref_tokenizer_name_or_path '{tmp}/no_tok' does not exist (no such folder).", True),
+    "dataset_without_chosen": (
+        lambda d: dict(dataset_mixture={"datasets": [{"id": d["unlabelled"], "split": "train"}]}), (),
+        "Dataset '{unlabelled}' (split 'train') has no column(s) ['chosen', 'rejected'] (it has ['prompt', 'good', "
+        "'bad'])", True),
+    "beta_not_a_number": (lambda d: dict(beta="high"), (), "beta: invalid float value: 'high'", True),
+    "eval_strategy_value_not_enum": (
+        lambda d: dict(eval_strategy="steps", eval_steps=1), (), "eval_strategy is 'steps' but the dataset has no "
+        "split 'test'", True),
+    "packages_not_installed": (
+        lambda d: dict(attn_implementation="flash_attention_2", use_liger_kernel=True, load_in_4bit=True, use_peft=True,
+                       optim="paged_adamw_32bit"), (),
+        "`attn_implementation: flash_attention_2` needs the package 'flash-attn'; `use_liger_kernel: true` needs the "
+        "package 'liger-kernel'; `load_in_4bit: true` needs the package 'bitsandbytes'; `optim: paged_adamw_32bit` "
+        "needs the package 'bitsandbytes', not installed: pip install flash-attn liger-kernel bitsandbytes (or change "
+        "those settings).", all(map(missing, ("flash_attn", "liger_kernel", "bitsandbytes")))),
+    # More than one process: the trainer must see what the launcher started.
+    "ddp_launch_on_cpu_without_use_cpu": (
+        lambda d: dict(use_cpu=False), ("launch", "ddp.yaml"), "The launcher started 2 processes (WORLD_SIZE=2) but "
+        "the trainer sees 1: each would train alone into the same output_dir; there is no GPU here: set `use_cpu: "
+        "true`", not torch.cuda.is_available()),
+    "zero2_launch_on_cpu": (
+        lambda d: dict(use_cpu=False), ("launch", "zero2.yaml"), "DeepSpeed ZeRO needs CUDA GPUs here",
+        not torch.cuda.is_available() and not missing("deepspeed")),
+    "zero2_launch_with_use_cpu": (
+        lambda d: dict(), ("launch", "zero2.yaml"), "`use_cpu: true` with a DeepSpeed (ZeRO) launch: accelerate would "
+        "drop DeepSpeed", not missing("deepspeed")),
+    "ddp_by_num_processes_without_use_cpu": (
+        lambda d: dict(use_cpu=False), ("--accelerate_config", str(ACCELERATE_CONFIGS / "ddp.yaml"),
+                                        "--num_processes", "2"),
+        "2 processes with a multi-GPU launch", not torch.cuda.is_available()),
+}
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, tiny_model_dir, tiny_ref_dir, tiny_jsonl):
+    """Every subprocess run of this module, started together (4 at a time): {name: CompletedProcess}."""
+    base = tmp_path_factory.mktemp("cli_runs")
+    unlabelled = base / "unlabelled.jsonl"
+    unlabelled.write_text(json.dumps({"prompt": "sort : b a :", "good": " a b", "bad": " b a"}) + "\n")
+    folders = {"ref": tiny_ref_dir, "tmp": str(base), "unlabelled": str(unlabelled)}
+    commands = {}
+    for name, (keys, args, _, enabled) in ONE_LINE_CASES.items():
+        if not enabled:
+            continue
+        folder = base / name
+        folder.mkdir()
+        recipe = tiny_recipe(folder, tiny_model_dir, tiny_jsonl, **keys(folders))
+        commands[name] = accelerate_command(args[1], recipe) if args[:1] == ("launch",) else cli_command(recipe, *args)
+    commands["debug_flag"] = cli_command(tiny_recipe(base, tiny_model_dir, tiny_jsonl, beta="high"), "--debug")
+
+    # A run that trains: max_prompt_length with a cross-tokenizer reference, an eval split, the reference log-probs
+    # precomputed once in this process and read from the cache by the CLI, whose log_level shows it.
+    handbook = base / "handbook"
+    handbook.mkdir()
+    recipe = tiny_recipe(
+        handbook, tiny_model_dir, tiny_jsonl,
+        ref_model_name_or_path=tiny_ref_dir, ref_tokenizer_name_or_path=tiny_ref_dir,
+        max_prompt_length=4, max_completion_length=3, precompute_ref_log_probs=True,
+        ref_logps_cache_dir=str(handbook / "cache"), log_level="info", eval_strategy="steps", eval_steps=100,
+        per_device_eval_batch_size=4, loss_type="alpha_dpo", beta=2.0,
+        dataset_mixture={"datasets": [{"id": tiny_jsonl, "columns": ["prompt", "chosen", "rejected"]}], "seed": 0,
+                         "test_split_size": 8},
+    )
+    run_dpo(parse_recipe(["--config", recipe, "--output_dir", str(handbook / "first")]))
+    commands["handbook_outputs"] = cli_command(recipe)
+    (base / "ddp").mkdir()
+    commands["ddp_two_cpu_processes"] = accelerate_command(
+        "ddp.yaml",
+        tiny_recipe(base / "ddp", tiny_model_dir, tiny_jsonl, log_level="info", per_device_train_batch_size=2),
+    )
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {name: pool.submit(run_process, command) for name, command in commands.items()}
+        runs = {name: future.result() for name, future in futures.items()}
+    runs["_folders"] = {**folders, "handbook": handbook, "ddp_out": base / "ddp" / "out"}
+    return runs
+
+
+@pytest.mark.parametrize("case", list(ONE_LINE_CASES))
+def test_cli_setup_error_is_one_line(cli_runs, case):
+    if case not in cli_runs:
+        pytest.skip("not applicable here (a GPU, or the optional package, is present)")
+    run = cli_runs[case]
+    expected = ONE_LINE_CASES[case][2].format(**cli_runs["_folders"])
+    errors = [line for line in run.stderr.splitlines() if line.startswith(ERROR_PREFIX)]
+    assert len(errors) == 1 and errors[0].startswith(ERROR_PREFIX + expected), run.stderr[-3000:]
+    launched_by_accelerate = ONE_LINE_CASES[case][1][:1] == ("launch",)
+    if launched_by_accelerate:  # accelerate's launcher reports the failed processes after our line
+        assert run.returncode != 0
+    else:
+        assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+        assert run.stderr.strip().splitlines()[-1] == errors[0]  # the last word, nothing after it
+
+
+def test_cli_debug_flag_shows_the_traceback(cli_runs):
+    run = cli_runs["debug_flag"]
+    assert run.returncode != 0 and "Traceback" in run.stderr and "invalid float value: 'high'" in run.stderr
+
+
+def test_cli_leaves_the_handbook_outputs(cli_runs):
+    run = cli_runs["handbook_outputs"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    # the library's own logger follows log_level: info; the reference log-probs came from the first run's cache
+    assert "Loaded the reference log-probs of the train dataset from the cache" in run.stderr
+    assert "Loaded the reference log-probs of the eval dataset from the cache" in run.stderr
+    out = cli_runs["_folders"]["handbook"] / "out"
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in
+               ("train_results", "eval_results", "all_results", "trainer_state")}
+    assert results["train_results"]["train_samples"] == 16 and results["eval_results"]["eval_samples"] == 8
+    assert results["all_results"]["train_loss"] > 0 and results["all_results"]["eval_loss"] > 0  # both, merged
+    assert results["trainer_state"]["global_step"] == 2
+    card = (out / "README.md").read_text()
+    assert "trl-refpo" in card and "alpha_dpo" in card and "prefs.jsonl" not in card  # no Hub link to a local file
+    assert (out / "model.safetensors").exists()
+
+
+def test_cli_trains_on_two_cpu_processes(cli_runs):
+    """The control of the launch checks: ddp.yaml + use_cpu: true trains ONE run over 2 processes."""
+    run = cli_runs["ddp_two_cpu_processes"]
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = run.stdout + run.stderr
+    assert output.count("Total train batch size (w. parallel, distributed & accumulation) = 4") == 1, output[-3000:]
+    state = json.loads((cli_runs["_folders"]["ddp_out"] / "trainer_state.json").read_text())
+    assert state["global_step"] == 2

@@ -15,7 +15,7 @@ import pytest
 import trl_refpo
 from deepspeed_launcher import DEEPSPEED_MISSING, deepspeed_available, launch_deepspeed
 from deepspeed_worker import CASES, run_case
-from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama
+from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer
 
 TESTS = Path(__file__).resolve().parent
 EPSILON_MISSING = "epsilon_dpo is not a loss type of this trl_refpo (trl_refpo.available_loss_types())"
@@ -31,11 +31,7 @@ def available_cases() -> list[str]:
 @pytest.fixture(scope="module")
 def ref_path(tmp_path_factory):
     """The cross-tokenizer reference: a tiny Llama over ``tiny_bpe_tokenizer``, saved with its tokenizer."""
-    path = tmp_path_factory.mktemp("ref")
-    tokenizer = tiny_bpe_tokenizer()
-    tiny_llama(tokenizer, seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return Path(save_tiny_llama(tmp_path_factory.mktemp("ref"), tiny_bpe_tokenizer(), seed=1))
 
 
 @pytest.fixture(scope="module")

@@ -57,6 +57,13 @@ def tiny_llama(tokenizer, hidden_size: int = 32, num_layers: int = 2, seed: int 
     return LlamaForCausalLM(config)
 
 
+def save_tiny_llama(folder, tokenizer, seed: int = 0) -> str:
+    """Save :func:`tiny_llama` over ``tokenizer``, with the tokenizer, as a model folder (for paths in recipes)."""
+    tiny_llama(tokenizer, seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def toy_preference_dataset(num_examples: int = 64, seed: int = 0, conversational: bool = False) -> Dataset:
     """Sort / reverse / copy tasks over letters: ``chosen`` solves the task, ``rejected`` does not."""
     rng = random.Random(seed)

@@ -12,10 +12,11 @@ reference's own tokenisation of the same example:
   EOS, ends with the REFERENCE's EOS instead;
 - ``ref_chosen_prompt_start`` / ``ref_rejected_prompt_start``: reference prompt tokens dropped at the front.
 
-Truncation: where the collator will cut the policy's sequence (``max_length``), the reference sequence is cut
-here to the same TEXT: the reference keeps the tokens lying wholly inside the character span the policy keeps
-(mapped through the message contents, which both renderings share). Nothing is cut on the reference side
-where the policy keeps everything.
+Truncation: where the policy's sequence is cut — by the collator (``max_length``), or before it by token limits on
+the prompt (its last ``max_prompt_length`` tokens) and the completion (its first ``max_completion_length`` tokens),
+as TRL ≤ 0.19 did — the reference sequence is cut here to the same TEXT: the policy keeps one contiguous span of
+characters, and the reference keeps the tokens lying wholly inside that span (mapped through the message contents,
+which both renderings share). Nothing is cut on the reference side where the policy keeps everything.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 PROMPT_MODES = ("full", "none")
 EMPTY_USER_TURN = [{"role": "user", "content": ""}]
 SIDES = ("chosen", "rejected")
+NO_TRUNCATION = "set max_length=None (and remove a recipe's max_prompt_length / max_completion_length)"
 
 
 class TextReference(ModelReference):
@@ -42,17 +44,24 @@ class TextReference(ModelReference):
     Args:
         tokenizer: the reference's tokenizer (the policy's own for a same-tokenizer prior).
         prompt_mode: ``"full"`` scores ``p_ref(y | x)``, ``"none"`` the prior ``p_ref(y)``.
+        max_prompt_length / max_completion_length: token limits the POLICY's prompt ids (last tokens kept) and
+            completion ids (first tokens kept) are cut to after tokenisation; the reference keeps the same text.
     """
 
     trl_compatible = False
     scores_policy_token_ids = False  # it scores its own re-tokenisation of the text
     input_keys = ("ref_input_ids", "ref_attention_mask", "ref_completion_mask")
 
-    def __init__(self, tokenizer, prompt_mode: str = "full"):
+    def __init__(
+        self, tokenizer, prompt_mode: str = "full", max_prompt_length: int | None = None,
+        max_completion_length: int | None = None,
+    ):
         if prompt_mode not in PROMPT_MODES:
             raise ValueError(f"ref_prompt must be one of {PROMPT_MODES}, got {prompt_mode!r}.")
         self.tokenizer = tokenizer
         self.prompt_mode = prompt_mode
+        self.max_prompt_length = max_prompt_length
+        self.max_completion_length = max_completion_length
 
     @property
     def ref_pad_token_id(self) -> int:
@@ -84,6 +93,8 @@ class TextReference(ModelReference):
             "prompt_mode": self.prompt_mode,
             "max_length": args.max_length,
             "truncation_mode": args.truncation_mode,
+            "max_prompt_length": self.max_prompt_length,
+            "max_completion_length": self.max_completion_length,
         }
         map_kwargs = {}
         if isinstance(dataset, Dataset):  # IterableDataset.map has no num_proc / desc
@@ -117,7 +128,10 @@ def _strip_suffix(text: str, suffix: str | None) -> str:
     return text[: -len(suffix)] if suffix and text.endswith(suffix) else text
 
 
-def reference_columns(batch, tokenizer, policy_tokenizer, prompt_mode, max_length, truncation_mode) -> dict:
+def reference_columns(
+    batch, tokenizer, policy_tokenizer, prompt_mode, max_length, truncation_mode, max_prompt_length=None,
+    max_completion_length=None,
+) -> dict:
     """The ``ref_*`` columns of a batch of examples (see the module docstring)."""
     examples = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
     output = {column: [] for column in REF_ID_COLUMNS}
@@ -127,12 +141,13 @@ def reference_columns(batch, tokenizer, policy_tokenizer, prompt_mode, max_lengt
         output["ref_prompt_ids"].append(prompt_ids[:prompt_len])
         for side in SIDES:
             ids = sequences[side]["ids"]
-            policy_len = len(example["prompt_ids"]) + len(example[f"{side}_ids"])
+            policy_window = _policy_window(
+                len(example["prompt_ids"]), len(example[f"{side}_ids"]), max_length, truncation_mode,
+                max_prompt_length, max_completion_length,
+            )
             start, end = 0, len(ids)
-            if max_length is not None and policy_len > max_length:
-                start, end = _aligned_window(
-                    example, side, sequences, tokenizer, policy_tokenizer, max_length, truncation_mode
-                )
+            if policy_window != (0, len(example["prompt_ids"]) + len(example[f"{side}_ids"])):
+                start, end = _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, policy_window)
                 end = max(end, prompt_len)  # the reference prompt is never cut at its end (TRL keeps the policy's)
             output[f"ref_{side}_prompt_start"].append(min(start, prompt_len))
             output[f"ref_{side}_ids"].append(ids[max(start, prompt_len) : end])
@@ -186,18 +201,38 @@ def _chat_sequences(example, tokenizer, prompt_mode) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- truncation
+def _policy_window(
+    prompt_len, completion_len, max_length, truncation_mode, max_prompt_length, max_completion_length
+) -> tuple[int, int]:
+    """Token window ``[start, end)`` of the policy's full prompt + completion ids that the policy trains on: the
+    prompt's last ``max_prompt_length`` and the completion's first ``max_completion_length`` tokens, then the
+    collator's ``max_length`` cut of their concatenation."""
+    start = prompt_len - min(prompt_len, max_prompt_length) if max_prompt_length is not None else 0
+    if max_completion_length is not None:
+        completion_len = min(completion_len, max_completion_length)
+    end = prompt_len + completion_len
+    if max_length is not None and end - start > max_length:
+        if truncation_mode == "keep_start":
+            end = start + max_length
+        elif truncation_mode == "keep_end":
+            start = end - max_length
+        else:
+            raise ValueError(f"Unsupported truncation_mode {truncation_mode!r}: use 'keep_start' or 'keep_end'.")
+    return start, end
+
+
 def _offsets(tokenizer, text: str, add_special_tokens: bool, expected_ids: list[int], who: str) -> list[tuple[int, int]]:
     """Character spans of ``text``'s tokens; zero-width special tokens sit where the previous token ended."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
             f"Truncating a reference that re-scores text (max_length) needs a fast {who} tokenizer (character "
-            "offsets); got a slow one. Use a fast tokenizer, or set max_length=None."
+            f"offsets); got a slow one. Use a fast tokenizer, or {NO_TRUNCATION}."
         )
     encoding = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     if list(encoding["input_ids"]) != list(expected_ids):
         raise ValueError(
-            f"Cannot align truncation: re-tokenising the {who} text does not reproduce its token ids. Set "
-            "max_length=None, or a max_length no example exceeds."
+            f"Cannot align truncation: re-tokenising the {who} text does not reproduce its token ids: "
+            f"{NO_TRUNCATION}, or limits no example exceeds."
         )
     spans, previous_end = [], 0
     for start, end in encoding["offset_mapping"]:
@@ -218,15 +253,15 @@ def _locate(text: str, pieces: list[str], cursor: int, who: str) -> list[tuple[i
         if position < 0:
             raise ValueError(
                 f"Cannot align truncation: the {who} rendering does not contain the message text {piece[:40]!r} "
-                "verbatim (its chat template rewrites it). Set max_length=None, or a max_length no example exceeds."
+                f"verbatim (its chat template rewrites it): {NO_TRUNCATION}, or limits no example exceeds."
             )
         spans.append((position, position + len(piece)))
         cursor = position + len(piece)
     return spans
 
 
-def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, max_length, truncation_mode):
-    """Token window ``[start, end)`` of the reference sequence covering the text the policy keeps."""
+def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, policy_window):
+    """Token window ``[start, end)`` of the reference sequence covering the text of the policy's token window."""
     policy_ids = example["prompt_ids"] + example[f"{side}_ids"]
     reference = sequences[side]
     conversational = is_conversational(example)
@@ -249,7 +284,7 @@ def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, max_l
         messages = (example["prompt"] if prompt_mode_full else []) + example[side]
         pieces = [message["content"] for message in messages]
         if not all(isinstance(piece, str) for piece in pieces):
-            raise ValueError("Cannot align truncation for multimodal message contents. Set max_length=None.")
+            raise ValueError(f"Cannot align truncation for multimodal message contents: {NO_TRUNCATION}.")
         policy_cursor = 0 if prompt_mode_full else completion_cursor
     else:
         completion = _strip_suffix(example[side], policy_tokenizer.eos_token)
@@ -258,14 +293,14 @@ def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, max_l
     policy_pieces = _locate(policy_text, pieces, policy_cursor, "policy")
     reference_pieces = _locate(reference["text"], pieces, 0, "reference")
 
-    if truncation_mode == "keep_start":
-        kept_end = policy_spans[max_length - 1][1]
-        char_start, char_end = 0, _map_end(kept_end, policy_pieces, reference_pieces)
-    elif truncation_mode == "keep_end":
-        kept_start = policy_spans[len(policy_ids) - max_length][0]
-        char_start, char_end = _map_start(kept_start, policy_pieces, reference_pieces), float("inf")
-    else:
-        raise ValueError(f"Unsupported truncation_mode {truncation_mode!r}: use 'keep_start' or 'keep_end'.")
+    token_start, token_end = policy_window
+    if token_end <= token_start:
+        return len(reference_spans), len(reference_spans)
+    char_start, char_end = 0, float("inf")
+    if token_start > 0:
+        char_start = _map_start(policy_spans[token_start][0], policy_pieces, reference_pieces)
+    if token_end < len(policy_ids):
+        char_end = _map_end(policy_spans[token_end - 1][1], policy_pieces, reference_pieces)
     kept = [index for index, (start, end) in enumerate(reference_spans) if start >= char_start and end <= char_end]
     if not kept:
         return len(reference_spans), len(reference_spans)
