@@ -154,14 +154,27 @@ def test_reference_free_types_load_no_reference(loss_type, model, tokenizer, dat
     trainer = RefPOTrainer(model=model, args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
                            processing_class=tokenizer)
     assert trainer.ref_model is None
-    assert trainer.args.precompute_ref_log_probs is False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer = RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
-                               args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
-                               processing_class=tokenizer)
-    assert trainer.ref_model is None
-    assert any("reference-free" in str(w.message) for w in caught)
+    assert trainer.args.precompute_ref_log_probs is False and trainer.precompute_ref_logps is False
+    with pytest.raises(ValueError, match=r"given ref_model=, but loss_type \['%s'\] uses no reference" % loss_type):
+        RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
+                     args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset, processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("field", ["precompute_ref_log_probs", "sync_ref_model"])
+def test_reference_options_with_a_reference_free_type_are_errors(field, tmp_path):
+    """One rule for every reference option: set with a type that uses no reference, it is an error naming it."""
+    with pytest.raises(ValueError, match=r"\['%s'\] configure a reference, but loss_type \['simpo'\] uses none" % field):
+        tiny_args(tmp_path, loss_type="simpo", **{field: True})
+
+
+def test_a_policy_given_as_a_path_is_loaded_and_no_reference_is(model, tokenizer, dataset, tmp_path):
+    """The seam that skips TRL's reference load lets the policy load from a path, and leaves the config alone."""
+    model.save_pretrained(tmp_path / "policy")
+    args = tiny_args(tmp_path / "out", loss_type="simpo")
+    trainer = RefPOTrainer(model=str(tmp_path / "policy"), args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert trainer.ref_model is None and args.precompute_ref_log_probs is False
+    for ours, theirs in zip(trainer.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
 
 
 def test_reference_types_copy_in_memory_policy(model, tokenizer, dataset, tmp_path):
