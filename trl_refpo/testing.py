@@ -122,7 +122,8 @@ def naive_epsilon_dpo(policy, reference, batch: dict, beta: float, epsilon: floa
     """ε-DPO (ALGORITHMS.md §1) written the way the authors' code does it: full ``(2B, T, V)`` logits of policy,
     reference and both perturbed policies. The yardstick for :mod:`trl_refpo.perturbation` in tests and benchmarks.
 
-    ``batch`` is a collated RefPO batch (``input_ids``, ``attention_mask``, ``completion_mask``; chosen rows first).
+    ``batch`` is a collated RefPO batch (``input_ids``, ``attention_mask``, ``completion_mask``; chosen rows first;
+    a vision batch's images too).
     Returns ``(steps, pair_beta, per_pair_loss)``; the loss has the policy's gradient.
     """
 
@@ -130,8 +131,12 @@ def naive_epsilon_dpo(policy, reference, batch: dict, beta: float, epsilon: floa
         token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
         return (token_logps * batch["completion_mask"][:, 1:]).sum(1)
 
+    images = {key: value for key, value in batch.items() if key in ("pixel_values", "image_sizes", "image_grid_thw")}
+
     def logits_of(model):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **images
+        ).logits.float()
 
     def chosen_minus_rejected(logps):
         chosen, rejected = logps.chunk(2)
