@@ -36,7 +36,8 @@ def fitted(model, processing_class, dataset, steps=40):
     rows = dataset.select(range(4))
     texts = [row["prompt"] + row["chosen"] for row in rows]
     if "images" in dataset.column_names:
-        encoded = processing_class(text=texts, images=[row["images"] for row in rows], padding=True, return_tensors="pt")
+        images = [row["images"] for row in rows]
+        encoded = processing_class(text=texts, images=images, padding=True, return_tensors="pt")
     else:
         encoded = processing_class(texts, padding=True, return_tensors="pt")
     labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)

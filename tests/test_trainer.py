@@ -160,11 +160,13 @@ def test_reference_free_types_load_no_reference(loss_type, model, tokenizer, dat
                      args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset, processing_class=tokenizer)
 
 
-@pytest.mark.parametrize("field", ["precompute_ref_log_probs", "sync_ref_model"])
-def test_reference_options_with_a_reference_free_type_are_errors(field, tmp_path):
+@pytest.mark.parametrize("field, value", [("precompute_ref_log_probs", True), ("precompute_ref_batch_size", 8),
+                                          ("sync_ref_model", True)])
+def test_reference_options_with_a_reference_free_type_are_errors(field, value, tmp_path):
     """One rule for every reference option: set with a type that uses no reference, it is an error naming it."""
-    with pytest.raises(ValueError, match=r"\['%s'\] configure a reference, but loss_type \['simpo'\] uses none" % field):
-        tiny_args(tmp_path, loss_type="simpo", **{field: True})
+    message = r"\['%s'\] configure a reference, but loss_type \['simpo'\] uses none" % field
+    with pytest.raises(ValueError, match=message):
+        tiny_args(tmp_path, loss_type="simpo", **{field: value})
 
 
 def test_a_policy_given_as_a_path_is_loaded_and_no_reference_is(model, tokenizer, dataset, tmp_path):
@@ -286,9 +288,10 @@ def test_evaluating_a_new_dataset_after_training(model, tokenizer, dataset, tmp_
     assert math.isfinite(simpo.evaluate(toy_preference_dataset(4, seed=5))["eval_loss"])
 
     def with_columns(data):
-        return data.add_column("ref_chosen_logps", [-5.0] * len(data)).add_column("ref_rejected_logps", [-6.0] * len(data))
+        data = data.add_column("ref_chosen_logps", [-5.0] * len(data))
+        return data.add_column("ref_rejected_logps", [-6.0] * len(data))
 
-    supplied = RefPOTrainer(model=copy.deepcopy(model), args=tiny_args(tmp_path / "c", loss_type="sigmoid", max_steps=1),
+    supplied = RefPOTrainer(model=copy.deepcopy(model), args=tiny_args(tmp_path / "c", max_steps=1),
                             train_dataset=with_columns(dataset), processing_class=tokenizer)
     supplied.train()
     metrics = supplied.evaluate({"held_out": with_columns(toy_preference_dataset(4, seed=5))})

@@ -91,14 +91,17 @@ def test_reference_free_types_train_on_images_and_the_vision_tower_learns(loss_t
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert all(math.isfinite(value) for value in logged)
     assert sum(logged[-3:]) / 3 < sum(logged[:3]) / 3 - 0.02, logged
-    changed = [name for name, p in trainer.model.named_parameters() if name in before and not torch.equal(p, before[name])]
+    after = dict(trainer.model.named_parameters())
+    changed = [name for name in before if not torch.equal(after[name], before[name])]
     assert len(changed) == len(before)
     metrics = trainer.evaluate(toy_vision_preference_dataset(4, seed=3))
     assert math.isfinite(metrics["eval_loss"]) and "eval_logps/accuracies" in metrics
 
 
-def test_typo_and_supplied_reference_columns_are_refused_on_vision_data(tmp_path):
+def test_typo_supplied_columns_and_precompute_are_refused_on_vision_data(tmp_path):
     model, processor = tiny_llava()
+    with pytest.raises(ValueError, match="precompute_ref_log_probs=True` is not supported for vision datasets"):
+        llava_trainer(tmp_path, model, processor, loss_type="flex_dpo", precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="extra completions .* do not support vision datasets"):
         llava_trainer(tmp_path, model, processor, loss_type="typo",
                       dataset=toy_vision_preference_dataset(4).add_column("ref_completion", [" a"] * 4))

@@ -185,7 +185,7 @@ class RefPOConfig(_TRLDPOConfig):
         }
         if self.ref_prompt == "none":
             reference_fields["ref_prompt"] = self.ref_prompt
-        for name in ("precompute_ref_log_probs", "sync_ref_model"):  # TRL's reference options
+        for name in ("precompute_ref_log_probs", "precompute_ref_batch_size", "sync_ref_model"):  # TRL's
             reference_fields[name] = getattr(self, name) or None
         if not self.needs_reference:
             set_fields = [name for name, value in reference_fields.items() if value is not None]

@@ -207,7 +207,8 @@ def tiny_llava(seed: int = 0, image_size: int = 16, patch_size: int = 4):
         patch_size=patch_size, projection_dim=16,
     )
     config = LlavaConfig(
-        text_config=text_config, vision_config=vision_config, image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        text_config=text_config, vision_config=vision_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False,
     )
     torch.manual_seed(seed)

@@ -15,9 +15,8 @@ import warnings
 
 import torch
 from accelerate.utils import is_peft_model
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
-from transformers import Trainer
 from trl import DPOTrainer as _TRLDPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_module
 
@@ -262,7 +261,7 @@ class RefPOTrainer(_TRLDPOTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         supplied_columns = isinstance(self.ref_scoring_source, ColumnReference)
         if not supplied_columns or eval_dataset is None or isinstance(eval_dataset, str) or self._is_vision_dataset:
-            return super().evaluate(eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         # Reference log-probs supplied as columns: a new dataset must bring its own (checked by _precompute_ref_logps).
         # TRL's evaluate would refuse it after training, taking the reference to be the initial policy.
         batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
@@ -272,7 +271,7 @@ class RefPOTrainer(_TRLDPOTrainer):
             dataset = self._prepare_dataset(dataset, self.processing_class, self.args, name or "eval")
             dataset = self._precompute_ref_logps(dataset, name or "eval", batch_size)
             prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
-            metrics.update(Trainer.evaluate(self, eval_dataset=dataset, ignore_keys=ignore_keys, metric_key_prefix=prefix))
+            metrics.update(Trainer.evaluate(self, dataset, ignore_keys, metric_key_prefix=prefix))
         return metrics
 
     # ------------------------------------------------------------------ loss
