@@ -160,6 +160,13 @@ def test_reference_free_types_load_no_reference(loss_type, model, tokenizer, dat
                      args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset, processing_class=tokenizer)
 
 
+def test_typo_takes_a_ref_model_only_to_sample_from_it(tokenizer, dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"given ref_model=, but loss_type \['typo'\] uses no reference"):
+        RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
+                     args=tiny_args(tmp_path, loss_type="typo"), processing_class=tokenizer,
+                     train_dataset=dataset.add_column("ref_completion", [" a"] * len(dataset)))
+
+
 @pytest.mark.parametrize("field, value", [("precompute_ref_log_probs", True), ("precompute_ref_batch_size", 8),
                                           ("sync_ref_model", True)])
 def test_reference_options_with_a_reference_free_type_are_errors(field, value, tmp_path):

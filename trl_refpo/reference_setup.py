@@ -31,7 +31,7 @@ from transformers import AutoProcessor, AutoTokenizer
 from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
-from .objectives import OBJECTIVES
+from .objectives import build_objectives
 from .offline_models import resolve_model_path
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text_reference import TextReference
@@ -57,7 +57,7 @@ def setup_reference(
     model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
 ) -> ReferenceSetup:
     if not args.needs_reference:
-        samples_from_reference = any(OBJECTIVES[name].samples_from_reference for name in args.plugin_loss_types)
+        samples_from_reference = any(objective.samples_from_reference for objective in build_objectives(args))
         # One rule for every reference option (the config's fields are checked in RefPOConfig): an error naming it.
         for name, value in (("ref_model", ref_model), ("ref_tokenizer", ref_tokenizer)):
             if value is not None and not (name == "ref_model" and samples_from_reference):
