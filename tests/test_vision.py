@@ -6,20 +6,12 @@ import math
 import pytest
 import torch
 from conftest import tiny_args
+from test_epsilon_dpo import moved
 
 from trl_refpo import RefPOTrainer
 from trl_refpo.testing import naive_epsilon_dpo, tiny_llava, toy_vision_preference_dataset
 
 BETA = 0.1
-
-
-def moved(model, seed=1, scale=0.05):
-    generator = torch.Generator().manual_seed(seed)
-    policy = copy.deepcopy(model)
-    with torch.no_grad():
-        for parameter in policy.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return policy
 
 
 def llava_trainer(tmp_path, policy, processor, ref_model=None, dataset=None, **config):
@@ -44,7 +36,7 @@ def direct_logps(model, batch, with_images=True):
 
 def test_policy_and_reference_log_probs_are_those_of_a_forward_with_the_images(tmp_path):
     reference, processor = tiny_llava()
-    policy = moved(reference)
+    policy = moved(reference, 1)
     trainer = llava_trainer(tmp_path, copy.deepcopy(policy), processor, ref_model=copy.deepcopy(reference),
                             loss_type="flex_dpo", beta=BETA)
     batch = first_batch(trainer)
@@ -63,7 +55,7 @@ def test_policy_and_reference_log_probs_are_those_of_a_forward_with_the_images(t
 
 def test_epsilon_dpo_decisions_equal_the_full_logits_computation_with_images(tmp_path):
     reference, processor = tiny_llava()
-    policy = moved(reference, scale=0.2)
+    policy = moved(reference, 1, scale=0.2)
     trainer = llava_trainer(tmp_path, copy.deepcopy(policy), processor, ref_model=copy.deepcopy(reference),
                             loss_type="epsilon_dpo", beta=BETA, epsilon=0.5, per_device_train_batch_size=8)
     batch = first_batch(trainer)
