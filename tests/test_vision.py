@@ -101,3 +101,10 @@ def test_typo_supplied_columns_and_precompute_are_refused_on_vision_data(tmp_pat
     columns = columns.add_column("ref_chosen_logps", [-1.0] * 4).add_column("ref_rejected_logps", [-2.0] * 4)
     with pytest.raises(ValueError, match="Supplied reference log-prob columns .* not supported with vision datasets"):
         llava_trainer(tmp_path, model, processor, loss_type="flex_dpo", dataset=columns)
+
+
+def test_a_max_length_that_cuts_image_tokens_names_the_field(tmp_path):
+    model, processor = tiny_llava()
+    trainer = llava_trainer(tmp_path, model, processor, loss_type="simpo", max_length=8)
+    with pytest.raises(ValueError, match=r"max_length \(8\) cuts image placeholder tokens"):
+        trainer.compute_loss(trainer.model, first_batch(trainer))

@@ -281,7 +281,15 @@ class RefPOTrainer(_TRLDPOTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self._log_policy_ranking(inputs)
             return result
-        loss = self._pipeline_loss(model, inputs)
+        try:
+            loss = self._pipeline_loss(model, inputs)
+        except ValueError as error:  # TRL's message for a vision batch whose max_length cut image tokens
+            if "Image features and image tokens do not match" in str(error) and self.args.max_length is not None:
+                raise ValueError(
+                    f"max_length ({self.args.max_length}) cuts image placeholder tokens out of input_ids while the "
+                    "image features remain. Increase max_length, or set it to None."
+                ) from error
+            raise
         if not return_outputs:
             return loss
         # What TRL's DPOTrainer returns (prediction_step hands `outputs.logits` to compute_metrics): the full logits
