@@ -103,6 +103,14 @@ def test_typo_supplied_columns_and_precompute_are_refused_on_vision_data(tmp_pat
         llava_trainer(tmp_path, model, processor, loss_type="flex_dpo", dataset=columns)
 
 
+def test_token_level_analysis_refuses_vision_data():
+    from trl_refpo.diagnostics import token_level_analysis
+
+    model, processor = tiny_llava()
+    with pytest.raises(ValueError, match="does not support vision datasets"):
+        token_level_analysis(model, model, toy_vision_preference_dataset(4), processor)
+
+
 def test_a_max_length_that_cuts_image_tokens_names_the_field(tmp_path):
     model, processor = tiny_llava()
     trainer = llava_trainer(tmp_path, model, processor, loss_type="simpo", max_length=8)
