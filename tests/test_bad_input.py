@@ -254,16 +254,28 @@ def test_cache_write_is_fsynced_before_the_rename_and_stale_temporary_files_are_
 
 
 # ----------------------------------------------------------------------------------------- 2. TRL fields: MoE aux loss
-def test_moe_router_aux_loss_is_not_silently_dropped(tokenizer, tmp_path):
+def test_moe_router_aux_loss_is_added_and_logged(tokenizer, tmp_path):
+    """Mixtral (a third MoE family, next to tests/test_architectures.py): the loss carries
+    ``router_aux_loss_coef × aux_loss`` and ``aux_loss`` is logged; a coefficient of 0 removes exactly that term."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
         vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, pad_token_id=tokenizer.pad_token_id,
     )
+    torch.manual_seed(0)
     moe = MixtralForCausalLM(config)
     dataset = toy_preference_dataset(4)
-    with pytest.raises(ValueError, match="Mixture-of-Experts.*router_aux_loss_coef=0.001.*Set router_aux_loss_coef=0"):
-        build(moe, tokenizer, dataset, tmp_path, loss_type="alpha_dpo")
-    trainer = build(moe, tokenizer, dataset, tmp_path, loss_type="alpha_dpo", router_aux_loss_coef=0.0)
-    assert trainer.uses_pipeline and not trainer.aux_loss_enabled
+    losses_by_coef = {}
+    for coef in (0.5, 0.0):
+        trainer = build(copy.deepcopy(moe), tokenizer, dataset, tmp_path / str(coef), loss_type="alpha_dpo",
+                        router_aux_loss_coef=coef, per_device_train_batch_size=4)
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        losses_by_coef[coef] = trainer.compute_loss(trainer.model, batch).item()
+        aux_logged = trainer._metrics["train"].get("aux_loss")
+        assert (aux_logged is not None) == (coef > 0)
+        if coef > 0:
+            aux_loss = aux_logged[-1]
+    assert aux_loss > 0
+    assert losses_by_coef[0.5] - losses_by_coef[0.0] == pytest.approx(0.5 * aux_loss, rel=1e-4)

@@ -137,3 +137,24 @@ def test_a_batch_without_completion_tokens_gives_a_differentiable_zero(tokenizer
     assert torch.equal(outputs.log_probs, torch.zeros(3, 11))
     outputs.log_probs.sum().backward()
     assert torch.equal(model.lm_head.weight.grad, torch.zeros_like(model.lm_head.weight))
+
+
+@pytest.mark.parametrize("build", [llama, gemma2_with_softcap, cohere_with_logit_scale])
+@pytest.mark.parametrize("tile_elements", [7, lm_head.TILE_ELEMENTS])
+def test_mean_logit_and_top1_hit_per_completion_token_equal_the_full_logits(build, tile_elements, tokenizer):
+    """TRL's `logits/*` and `mean_token_accuracy` inputs, folded inside the tiles (logit scale and softcap applied)."""
+    torch.manual_seed(0)
+    model = build(tokenizer)
+    input_ids, attention_mask, completion_mask, _ = padded_batch(tokenizer)
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+        last = attention_mask.sum(1) - 1  # make each row's last token the top-1 prediction (nothing later reads it)
+        input_ids[torch.arange(3), last] = logits[torch.arange(3), last - 1].argmax(-1)
+        labels = input_ids.masked_fill(completion_mask == 0, -100)
+        add_completion_head(model, tile_elements=tile_elements)
+        outputs = completion_head_outputs(model, input_ids, attention_mask, labels, entropy=False, metrics=True)
+    mask = completion_mask[:, 1:].bool()
+    top1 = logits.argmax(-1) == input_ids[:, 1:]
+    assert top1[mask].any() and not top1[mask].all(), "a test where every hit is equal checks nothing"
+    torch.testing.assert_close(outputs.mean_logits, logits.mean(-1) * mask, rtol=0, atol=2e-6)
+    assert torch.equal(outputs.is_top1, top1 & mask)

@@ -2,7 +2,6 @@
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer as TRLDPOTrainer
 
 from trl_refpo import RefPOTrainer
-from trl_refpo.testing import tiny_llama
+from trl_refpo.testing import tiny_llama, toy_preference_dataset
 from trl_refpo.trl_losses import TRL_PAIR_LOSSES
 
 TRAINER_KWARGS = dict(max_steps=1)
@@ -156,14 +155,36 @@ def test_reference_free_types_load_no_reference(loss_type, model, tokenizer, dat
     trainer = RefPOTrainer(model=model, args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
                            processing_class=tokenizer)
     assert trainer.ref_model is None
-    assert trainer.args.precompute_ref_log_probs is False
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer = RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
-                               args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset,
-                               processing_class=tokenizer)
-    assert trainer.ref_model is None
-    assert any("reference-free" in str(w.message) for w in caught)
+    assert trainer.args.precompute_ref_log_probs is False and trainer.precompute_ref_logps is False
+    with pytest.raises(ValueError, match=r"given ref_model=, but loss_type \['%s'\] uses no reference" % loss_type):
+        RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
+                     args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=dataset, processing_class=tokenizer)
+
+
+def test_typo_takes_a_ref_model_only_to_sample_from_it(tokenizer, dataset, tmp_path):
+    with pytest.raises(ValueError, match=r"given ref_model=, but loss_type \['typo'\] uses no reference"):
+        RefPOTrainer(model=tiny_llama(tokenizer), ref_model=tiny_llama(tokenizer, seed=1),
+                     args=tiny_args(tmp_path, loss_type="typo"), processing_class=tokenizer,
+                     train_dataset=dataset.add_column("ref_completion", [" a"] * len(dataset)))
+
+
+@pytest.mark.parametrize("field, value", [("precompute_ref_log_probs", True), ("precompute_ref_batch_size", 8),
+                                          ("sync_ref_model", True)])
+def test_reference_options_with_a_reference_free_type_are_errors(field, value, tmp_path):
+    """One rule for every reference option: set with a type that uses no reference, it is an error naming it."""
+    message = r"\['%s'\] configure a reference, but loss_type \['simpo'\] uses none" % field
+    with pytest.raises(ValueError, match=message):
+        tiny_args(tmp_path, loss_type="simpo", **{field: value})
+
+
+def test_a_policy_given_as_a_path_is_loaded_and_no_reference_is(model, tokenizer, dataset, tmp_path):
+    """The seam that skips TRL's reference load lets the policy load from a path, and leaves the config alone."""
+    model.save_pretrained(tmp_path / "policy")
+    args = tiny_args(tmp_path / "out", loss_type="simpo")
+    trainer = RefPOTrainer(model=str(tmp_path / "policy"), args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert trainer.ref_model is None and args.precompute_ref_log_probs is False
+    for ours, theirs in zip(trainer.model.parameters(), model.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
 
 
 def test_reference_types_copy_in_memory_policy(model, tokenizer, dataset, tmp_path):
@@ -217,3 +238,73 @@ def test_evaluation_does_not_move_controllers(model, tokenizer, dataset, tmp_pat
     metrics = trainer.evaluate()
     assert trainer.controller_state() == before
     assert "eval_logps/accuracies" in metrics and "eval_alpha_dpo/margin_mean" in metrics
+
+
+class RecordPredictions:
+    def __init__(self):
+        self.predictions = None
+
+    def __call__(self, prediction):
+        self.predictions = prediction
+        return {"first_logit": float(prediction.predictions.reshape(-1)[0])}
+
+
+EVAL_CONFIGS = {
+    **ALL_PLUGIN_CONFIGS,
+    "likelihood": dict(loss_type="likelihood", beta=0.5),
+    "typo": dict(loss_type="typo", beta=0.5),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVAL_CONFIGS))
+def test_compute_metrics_gets_trls_predictions(name, model, tokenizer, dataset, tmp_path):
+    """compute_metrics sees what TRL's DPOTrainer gives it: the full logits of every row and the input ids; and the
+    eval forms of TRL's logit / accuracy metrics are logged."""
+    eval_dataset = dataset.select(range(4))
+    if name == "typo":
+        eval_dataset = eval_dataset.add_column("ref_completion", [" a b"] * 4)
+    trl_record, our_record = RecordPredictions(), RecordPredictions()
+    trl = TRLDPOTrainer(
+        model=copy.deepcopy(model), ref_model=copy.deepcopy(model),
+        args=TRLDPOConfig(output_dir=str(tmp_path / "t"), bf16=False, use_cpu=True, report_to=[],
+                          per_device_eval_batch_size=4),
+        train_dataset=eval_dataset, eval_dataset=eval_dataset, processing_class=tokenizer, compute_metrics=trl_record,
+    )
+    ours = RefPOTrainer(
+        model=copy.deepcopy(model), args=tiny_args(tmp_path / "r", **EVAL_CONFIGS[name]), train_dataset=eval_dataset,
+        eval_dataset=eval_dataset, processing_class=tokenizer, compute_metrics=our_record,
+    )
+    trl_metrics = trl.evaluate()
+    with pytest.warns(FutureWarning, match="return_outputs=True"):
+        metrics = ours.evaluate()
+    expected, got = trl_record.predictions, our_record.predictions
+    rows, length = expected.label_ids.shape  # typo scores one extra row group (its reference completion)
+    assert got.label_ids.shape[0] == rows * (3 if name == "typo" else 2) // 2
+    assert (got.label_ids[:rows, :length] == expected.label_ids).all()
+    torch.testing.assert_close(torch.as_tensor(got.predictions[:rows, :length]), torch.as_tensor(expected.predictions))
+    assert metrics["eval_first_logit"] == pytest.approx(trl_metrics["eval_first_logit"])
+    for key in ("eval_logits/chosen", "eval_logits/rejected", "eval_mean_token_accuracy", "eval_logps/chosen"):
+        assert metrics[key] == pytest.approx(trl_metrics[key], abs=1e-5), key
+
+
+def test_evaluating_a_new_dataset_after_training(model, tokenizer, dataset, tmp_path):
+    """Without TRL's precompute flag borrowed at construction, a new dataset is evaluated after training: with a
+    reference-free type, and with supplied reference columns (the new dataset brings its own)."""
+    simpo = RefPOTrainer(model=copy.deepcopy(model), args=tiny_args(tmp_path / "s", loss_type="simpo", max_steps=1),
+                         train_dataset=dataset, processing_class=tokenizer)
+    simpo.train()
+    assert math.isfinite(simpo.evaluate(toy_preference_dataset(4, seed=5))["eval_loss"])
+
+    def with_columns(data):
+        data = data.add_column("ref_chosen_logps", [-5.0] * len(data))
+        return data.add_column("ref_rejected_logps", [-6.0] * len(data))
+
+    supplied = RefPOTrainer(model=copy.deepcopy(model), args=tiny_args(tmp_path / "c", max_steps=1),
+                            train_dataset=with_columns(dataset), processing_class=tokenizer)
+    supplied.train()
+    metrics = supplied.evaluate({"held_out": with_columns(toy_preference_dataset(4, seed=5))})
+    assert math.isfinite(metrics["eval_held_out_loss"])
+    rewards, logps = metrics["eval_rewards/chosen"], metrics["eval_logps/chosen"]  # TRL logs them as eval_*
+    assert rewards == pytest.approx(supplied.args.beta * (logps + 5.0), rel=1e-5)  # the supplied -5.0 was read
+    with pytest.raises(ValueError, match="lacks the reference log-prob columns"):
+        supplied.evaluate(toy_preference_dataset(4, seed=5))

@@ -261,10 +261,6 @@ class RefPOConfig(_TRLDPOConfig):
         self._validate_reference_source()
         if "epsilon_dpo" in self.loss_type:
             self._validate_epsilon_dpo()
-        if self.sync_ref_model and not self.needs_reference:
-            raise ValueError(
-                f"sync_ref_model=True but loss_type {self.loss_type} uses no reference model. Set sync_ref_model=False."
-            )
 
     def _validate_fields_apply(self) -> None:
         """A field set to a non-default value must be read by some loss type of the run: none is ignored silently."""
@@ -313,6 +309,8 @@ class RefPOConfig(_TRLDPOConfig):
         }
         if self.ref_prompt == "none":
             reference_fields["ref_prompt"] = self.ref_prompt
+        for name in ("precompute_ref_log_probs", "precompute_ref_batch_size", "sync_ref_model"):  # TRL's
+            reference_fields[name] = getattr(self, name) or None
         if not self.needs_reference:
             set_fields = [name for name, value in reference_fields.items() if value is not None]
             if set_fields:

@@ -149,6 +149,8 @@ def token_level_analysis(
     The EOS statistics are those of Reference Policies Fig. 3: the policy's mean log-prob of the EOS token
     where it occurs in completions, and its chosen-minus-rejected difference (and the same for the reference).
     """
+    if {"image", "images"} & set(dataset.column_names):
+        raise ValueError("token_level_analysis scores text only: it does not support vision datasets (image / images).")
     if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
         if processing_class is None:
             raise ValueError("The dataset is not tokenised (no prompt_ids/chosen_ids/rejected_ids): pass processing_class.")

@@ -6,14 +6,17 @@ devices without Triton (CPU included) it projects EVERY position of the batch �
 ``mean_logits`` and ``is_top1`` for TRL's metrics). On CPU that head is the largest single allocation of a DPO
 step: more than plain full logits for a few hundred tokens (see ``benchmarks/bench_epsilon_dpo.py``).
 
-The loss pipeline needs only the completion tokens' log-probs (and their entropy, for the ``entropy``
-metric). :func:`add_completion_head` gives the model's forward a ``completion_head=…`` mode: the same backbone,
+The loss pipeline needs only the completion tokens' log-probs (and, for the policy's metrics, their entropy, mean
+logit and whether the label is the top-1 token: TRL's ``entropy``, ``logits/*`` and ``mean_token_accuracy``, folded
+inside the same tiles). :func:`add_completion_head` gives the model's forward a ``completion_head=…`` mode: the same backbone,
 then TRL's own kernel (:class:`trl.kernels.chunked_logprob.ChunkedLogProbFunction`) on the completion
 positions only. Without Triton, a tile's vocabulary width is narrowed so that it holds at most
 ``tile_elements`` logits; with Triton (GPU) TRL's kernel folds each tile in place and TRL's head is already
 compact, so TRL's width is kept and both heads do the same work. Like TRL's head, this mode runs inside the
 model's forward, so DDP, DeepSpeed (ZeRO-3 gathers the head weight) and PEFT see an ordinary forward call;
-without ``completion_head`` the forward is the one it replaced (TRL's head, or generation's).
+without ``completion_head`` the forward is the one it replaced (TRL's head, or generation's). Other model inputs
+(a vision batch's ``pixel_values``, ``image_sizes``, …) go to the backbone; with ``output_router_logits=True`` a
+mixture-of-experts model also returns its load-balancing ``aux_loss``, computed as TRL's fused head computes it.
 """
 
 from __future__ import annotations
@@ -87,7 +90,8 @@ def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
                 kwargs["labels"] = labels
             return previous_forward(self, *args, **kwargs)
         kwargs["use_cache"] = False
-        hidden_states = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
+        backbone_outputs = self.base_model(*args, **kwargs)
+        hidden_states = backbone_outputs.last_hidden_state[:, :-1]
         lm_head = self.get_output_embeddings()
         weight, bias = lm_head.weight, lm_head.bias
         if isinstance(weight, DTensor):  # FSDP2 shards the head; the kernel needs the whole matrix
@@ -107,17 +111,43 @@ def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
                 transform.logit_scale, completion_head,
             )
         # masked_scatter keeps the output connected to the graph even when no position is a completion token
-        log_probs, entropy = (
-            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token[:2]
+        log_probs, entropy, _, mean_logits, is_top1 = (
+            None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token
         )
-        return FusedCausalLMOutput(log_probs=log_probs, entropy=entropy, label_mask=mask)
+        aux_loss = None
+        if kwargs.get("output_router_logits"):
+            aux_loss = router_aux_loss(self.config, backbone_outputs.router_logits, kwargs.get("attention_mask"))
+        return FusedCausalLMOutput(
+            log_probs=log_probs, entropy=entropy, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask,
+            aux_loss=aux_loss,
+        )
 
     setattr(forward, _MARK, True)
     causal_lm.forward = types.MethodType(forward, causal_lm)
 
 
-def completion_head_outputs(model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, entropy: bool):
-    """``model``'s per-token log-probs of the labels that are not -100 (and their entropy), via the completion head."""
+def router_aux_loss(config, router_logits, attention_mask: Tensor | None) -> Tensor:
+    """The MoE load-balancing loss of one forward, as TRL's fused head computes it (Mixtral's function, which every
+    MoE family of transformers shares), unweighted."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    text_config = config.get_text_config()
+    return load_balancing_loss_func(
+        router_logits, text_config.num_experts, text_config.num_experts_per_tok, attention_mask
+    )
+
+
+def completion_head_outputs(
+    model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, entropy: bool, metrics: bool = False,
+    **model_kwargs,
+):
+    """``model``'s per-token log-probs of the labels that are not -100 via the completion head; with ``entropy``
+    their entropy, with ``metrics`` also the mean logit and whether the label is the top-1 token. ``model_kwargs``
+    (images, ``output_router_logits``) go to the model's forward."""
     add_completion_head(model)
     outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
-    return model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, completion_head=outputs)
+    if metrics:
+        outputs += ("mean_logits", "is_top1")
+    return model(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels, completion_head=outputs, **model_kwargs
+    )

@@ -27,17 +27,31 @@ class ReferenceLogps:
     rejected_lengths: Tensor | None = None
 
 
+#: Batch keys that are token rows or reference-side columns; every other key is a model input (a vision batch's
+#: ``pixel_values``, ``image_sizes``, ``token_type_ids``, …), passed to ``model.forward`` as TRL passes it.
+ROW_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask"})
+
+
+def model_inputs(inputs: dict) -> dict:
+    """The batch's model inputs besides ``input_ids`` / ``attention_mask`` (empty for a text batch)."""
+    return {key: value for key, value in inputs.items() if key not in ROW_KEYS and not key.startswith("ref_")}
+
+
 def completion_logps(
-    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, entropy: bool = False
+    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, entropy: bool = False,
+    metrics: bool = False, **model_kwargs,
 ) -> tuple[Tensor, Tensor, FusedCausalLMOutput]:
     """Per-row sums of completion-token log-probs, the per-token values, and the head's outputs.
 
     Returns ``(row_logps (R,), per_token_logps (R, T-1), outputs)``; ``per_token_logps`` is 0 outside the
-    completion; ``outputs.entropy`` is set when ``entropy`` is true. Only completion positions are projected
-    through the LM head (:mod:`trl_refpo.lm_head`).
+    completion; ``outputs.entropy`` is set when ``entropy`` is true, ``outputs.mean_logits`` / ``is_top1`` when
+    ``metrics`` is. Only completion positions are projected through the LM head (:mod:`trl_refpo.lm_head`).
+    ``model_kwargs`` (images, ``output_router_logits``) go to the model's forward.
     """
     labels = input_ids.masked_fill(completion_mask == 0, -100)
-    outputs = completion_head_outputs(model, input_ids, attention_mask, labels, entropy=entropy)
+    outputs = completion_head_outputs(
+        model, input_ids, attention_mask, labels, entropy=entropy, metrics=metrics, **model_kwargs
+    )
     per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
     return per_token.sum(dim=1), per_token, outputs
 
@@ -101,7 +115,11 @@ class ModelReference(ReferenceSource):
         return self.score(trainer, model, adapter_context, inputs, num_pairs)
 
     def score(self, trainer, model, adapter_context, inputs, num_pairs) -> ReferenceLogps:
-        """Reference log-probs and completion token counts of the first ``2 * num_pairs`` rows of ``input_keys``."""
+        """Reference log-probs and completion token counts of the first ``2 * num_pairs`` rows of ``input_keys``.
+
+        The batch's other model inputs (images) go along unsliced: a vision batch has no extra rows (the trainer
+        refuses extra completion rows on vision data).
+        """
         rows = slice(0, 2 * num_pairs)  # chosen and rejected rows; extra rows (TYPO) need no reference
         input_ids, attention_mask, completion_mask = (inputs[key][rows] for key in self.input_keys)
         with (
@@ -109,7 +127,9 @@ class ModelReference(ReferenceSource):
             disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
             adapter_context,
         ):
-            row_logps, _, _ = completion_logps(model, input_ids, attention_mask, completion_mask)
+            row_logps, _, _ = completion_logps(
+                model, input_ids, attention_mask, completion_mask, **model_inputs(inputs)
+            )
         chosen, rejected = row_logps.float().chunk(2)
         chosen_lengths, rejected_lengths = completion_mask[:, 1:].sum(dim=1).float().chunk(2)
         return ReferenceLogps(chosen, rejected, chosen_lengths, rejected_lengths)

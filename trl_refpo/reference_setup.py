@@ -35,7 +35,7 @@ from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .data import FLOAT_COLUMNS
-from .objectives import OBJECTIVES
+from .objectives import build_objectives
 from .offline_models import resolve_model_path
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text_reference import TextReference
@@ -61,16 +61,21 @@ def setup_reference(
     model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
 ) -> ReferenceSetup:
     if not args.needs_reference:
-        samples_from_reference = any(OBJECTIVES[name].samples_from_reference for name in args.plugin_loss_types)
+        samples_from_reference = any(objective.samples_from_reference for objective in build_objectives(args))
+        # One rule for every reference option (the config's fields are checked in RefPOConfig): an error naming it.
         for name, value in (("ref_model", ref_model), ("ref_tokenizer", ref_tokenizer)):
             if value is not None and not (name == "ref_model" and samples_from_reference):
-                warnings.warn(
-                    f"loss_type {args.loss_type} is reference-free: the {name} you passed is not used and not prepared.",
-                    stacklevel=3,
+                raise ValueError(
+                    f"The trainer was given {name}=, but loss_type {args.loss_type} uses no reference. Do not pass it."
                 )
         return ReferenceSetup(NoReference(), None, processing_class)
 
     if _has_supplied_columns(train_dataset, "train"):
+        if is_vision_example(_first_example(train_dataset)):
+            raise ValueError(
+                f"Supplied reference log-prob columns {list(REFERENCE_COLUMNS)} are not supported with vision datasets "
+                "(TRL's vision collator does not carry them). Drop the columns: the reference model scores the images."
+            )
         _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer)
         for name, dataset in [("train", train_dataset), *_named(eval_dataset)]:
             check_supplied_values(dataset, name)
@@ -126,7 +131,7 @@ def setup_reference(
     else:
         source = ModelReference()
     if isinstance(source, TextReference) and first_example is not None:
-        if "image" in first_example or "images" in first_example:
+        if is_vision_example(first_example):
             raise ValueError(
                 "A reference that re-tokenises the text (ref_tokenizer / ref_prompt='none') does not support vision "
                 "datasets."
@@ -166,6 +171,11 @@ def _column_names(dataset) -> list[str]:
     if names is None:
         names = list(_first_example(dataset) or {})
     return list(names)
+
+
+def is_vision_example(example) -> bool:
+    """TRL's test for a vision dataset: an ``image`` or ``images`` column."""
+    return example is not None and ("image" in example or "images" in example)
 
 
 def _first_example(dataset):

@@ -129,7 +129,8 @@ def naive_epsilon_dpo(policy, reference, batch: dict, beta: float, epsilon: floa
     """ε-DPO (docs/algorithms.md §1) written the way the authors' code does it: full ``(2B, T, V)`` logits of policy,
     reference and both perturbed policies. The yardstick for :mod:`trl_refpo.perturbation` in tests and benchmarks.
 
-    ``batch`` is a collated RefPO batch (``input_ids``, ``attention_mask``, ``completion_mask``; chosen rows first).
+    ``batch`` is a collated RefPO batch (``input_ids``, ``attention_mask``, ``completion_mask``; chosen rows first;
+    a vision batch's images too).
     Returns ``(steps, pair_beta, per_pair_loss)``; the loss has the policy's gradient.
     """
 
@@ -137,8 +138,12 @@ def naive_epsilon_dpo(policy, reference, batch: dict, beta: float, epsilon: floa
         token_logps = logits[:, :-1].log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
         return (token_logps * batch["completion_mask"][:, 1:]).sum(1)
 
+    images = {key: value for key, value in batch.items() if key in ("pixel_values", "image_sizes", "image_grid_thw")}
+
     def logits_of(model):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
+        return model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **images
+        ).logits.float()
 
     def chosen_minus_rejected(logps):
         chosen, rejected = logps.chunk(2)
@@ -157,3 +162,82 @@ def naive_epsilon_dpo(policy, reference, batch: dict, beta: float, epsilon: floa
     chosen, rejected = sequence_logps(policy_logits).chunk(2)
     loss = -torch.nn.functional.logsigmoid(pair_beta * ((chosen - ref_chosen) - (rejected - ref_rejected)))
     return steps, pair_beta, loss
+
+
+def tiny_causal_lm(family: str, tokenizer, seed: int = 0):
+    """A random tiny causal LM of ``family`` (``llama``, ``qwen2``, ``gemma2`` (final-logit softcap), ``cohere`` (logit
+    scale), ``lfm2`` / ``nemotron_h`` (hybrid convolution / Mamba), ``qwen3_moe`` / ``gpt_oss`` (mixture of experts,
+    router loss on)), built from a config on the tokenizer's vocabulary."""
+    import transformers
+
+    common = dict(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+    )
+    moe = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.01)
+    configs = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=8, final_logit_softcapping=2.0)),
+        "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
+        "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
+        "nemotron_h": (
+            "NemotronHConfig", "NemotronHForCausalLM",
+            dict(layers_block_type=["mamba", "attention"], head_dim=8, mamba_num_heads=4, mamba_head_dim=16,
+                 ssm_state_size=8, n_groups=1, chunk_size=16),
+        ),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4, **moe)),
+        "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=4, **moe)),
+    }
+    config_name, model_name, extra = configs[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**{**common, **extra})
+    return getattr(transformers, model_name)(config)
+
+
+IMAGE_TOKEN = "<image>"
+
+
+def tiny_llava(seed: int = 0, image_size: int = 16, patch_size: int = 4):
+    """A random tiny Llava (CLIP vision tower, projector, Llama text model) and its processor, built in code.
+
+    The processor expands each ``<image>`` of a prompt into ``(image_size / patch_size)² + 1`` image tokens."""
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaProcessor
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    text_config = tiny_llama(tokenizer).config
+    vision_config = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
+        patch_size=patch_size, projection_dim=16,
+    )
+    config = LlavaConfig(
+        text_config=text_config, vision_config=vision_config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="full", image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+def toy_vision_preference_dataset(num_examples: int = 16, seed: int = 0, image_size: int = 16) -> Dataset:
+    """:func:`toy_preference_dataset` with one random RGB image per example, ``<image>`` opening each prompt."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    rows = toy_preference_dataset(num_examples, seed=seed).to_list()
+    for row in rows:
+        row["prompt"] = f"{IMAGE_TOKEN} {row['prompt']}"
+        row["images"] = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), dtype=np.uint8))]
+    return Dataset.from_list(rows)

@@ -11,13 +11,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 
 import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 from trl import DPOTrainer as _TRLDPOTrainer
+from trl.trainer import dpo_trainer as _trl_dpo_module
 
 from .config import RefPOConfig
 from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator, report_dropped_rows, require_rows
@@ -25,10 +27,44 @@ from .diagnostics import logp_gradient_metrics
 from .objectives import PairBatch, StepContext, build_objectives
 from .perturbation import PerturbationScorer, require_full_distribution_reference
 from .ref_cache import precompute_reference_logps
-from .reference import ColumnReference, ModelReference, completion_logps
-from .reference_setup import setup_reference
+from .reference import ColumnReference, ModelReference, completion_logps, model_inputs
+from .reference_setup import is_vision_example, setup_reference
 
 STATE_FILE = "trl_refpo_state.json"
+
+
+@contextlib.contextmanager
+def _trl_reference_loading_skipped(skip: bool, policy_is_path: bool):
+    """Stop TRL's constructor from loading a reference model that the chosen reference source does not use.
+
+    TRL 1.16 loads one with ``create_model_from_path`` whenever ``ref_model`` is None, the policy is not PEFT and
+    ``precompute_ref_log_probs`` is False; the only call before it loads the policy, when given as a path. Here the
+    reference load returns None (TRL then keeps ``ref_model=None``, as with precompute); the user's config and
+    TRL's later checks see the user's settings.
+    """
+    if not skip:
+        yield
+        return
+    load = _trl_dpo_module.create_model_from_path
+    policy_loads = [True] if policy_is_path else []
+
+    def load_policy_only(path, **kwargs):
+        return load(path, **kwargs) if policy_loads and policy_loads.pop() else None
+
+    _trl_dpo_module.create_model_from_path = load_policy_only
+    try:
+        yield
+    finally:
+        _trl_dpo_module.create_model_from_path = load
+
+
+def _refuse_extra_rows_on_vision_data(extra_completion_columns, train_dataset) -> None:
+    if extra_completion_columns and train_dataset is not None:
+        if is_vision_example(next(iter(train_dataset), None)):
+            raise ValueError(
+                f"The loss types scoring extra completions ({list(extra_completion_columns)}, e.g. typo) do not "
+                "support vision datasets (with an 'image' / 'images' column) yet. Use another loss_type."
+            )
 
 
 class _ControllerCallback(TrainerCallback):
@@ -106,7 +142,9 @@ class RefPOTrainer(_TRLDPOTrainer):
             column for objective in self.objectives for column in objective.extra_completion_columns()
         )
 
-        with self._trl_reference_loading_skipped(args):
+        _refuse_extra_rows_on_vision_data(self.extra_completion_columns, train_dataset)
+
+        with _trl_reference_loading_skipped(not self.ref_scoring_source.needs_model, isinstance(model, str)):
             super().__init__(
                 model=model,
                 ref_model=ref_model,
@@ -121,13 +159,8 @@ class RefPOTrainer(_TRLDPOTrainer):
                 quantization_config=quantization_config,
                 peft_config=peft_config,
             )
-        if self.uses_pipeline and self.aux_loss_enabled:
-            raise ValueError(
-                f"{type(self.model).__name__} is a Mixture-of-Experts model: TRL adds its router load-balancing loss "
-                f"(router_aux_loss_coef={self.router_aux_loss_coef}) only in its own loss code, which loss_type "
-                f"{args.loss_type} does not use. Set router_aux_loss_coef=0.0 to train without it, or use TRL's loss "
-                "types alone."
-            )
+        # TRL's own loss code reads the reference columns from the batch only with this attribute on.
+        self.precompute_ref_logps = isinstance(self.reference_source, ColumnReference)
         if data_collator is None and not self._is_vision_dataset and self.uses_pipeline:
             trl_collator = self.data_collator
             self.data_collator = RefPODataCollator(
@@ -147,25 +180,6 @@ class RefPOTrainer(_TRLDPOTrainer):
             self.model.register_forward_hook(self._capture_policy_logps)
 
     # ------------------------------------------------------------------ construction helpers
-    @contextlib.contextmanager
-    def _trl_reference_loading_skipped(self, args: RefPOConfig):
-        """Stop TRL from loading a reference model that the chosen reference source does not use.
-
-        TRL 1.16 loads one whenever ``ref_model`` is None, the policy is not PEFT and
-        ``precompute_ref_log_probs`` is False; it skips loading when precompute is on, and our
-        ``_precompute_ref_logps`` then does nothing for sources that need no scoring. TRL's own loss code
-        reads supplied reference columns only with its precompute flag on.
-        """
-        if self.ref_scoring_source.needs_model or args.precompute_ref_log_probs:
-            yield
-            return
-        args.precompute_ref_log_probs = True
-        try:
-            yield
-        finally:
-            args.precompute_ref_log_probs = False
-            self.precompute_ref_logps = isinstance(self.ref_scoring_source, ColumnReference)
-
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         require_rows(dataset, dataset_name)
         rows_before = len(dataset) if isinstance(dataset, Dataset) else None
@@ -249,6 +263,22 @@ class RefPOTrainer(_TRLDPOTrainer):
             **kwargs,
         )
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        supplied_columns = isinstance(self.ref_scoring_source, ColumnReference)
+        if not supplied_columns or eval_dataset is None or isinstance(eval_dataset, str) or self._is_vision_dataset:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        # Reference log-probs supplied as columns: a new dataset must bring its own (checked by _precompute_ref_logps).
+        # TRL's evaluate would refuse it after training, taking the reference to be the initial policy.
+        batch_size = self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size
+        named = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+        metrics = {}
+        for name, dataset in named:
+            dataset = self._prepare_dataset(dataset, self.processing_class, self.args, name or "eval")
+            dataset = self._precompute_ref_logps(dataset, name or "eval", batch_size)
+            prefix = metric_key_prefix if name is None else f"{metric_key_prefix}_{name}"
+            metrics.update(Trainer.evaluate(self, dataset, ignore_keys, metric_key_prefix=prefix))
+        return metrics
+
     # ------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not self.uses_pipeline:
@@ -256,17 +286,44 @@ class RefPOTrainer(_TRLDPOTrainer):
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             self._log_policy_ranking(inputs)
             return result
-        if return_outputs:
-            raise ValueError("return_outputs=True is not supported for trl-refpo loss types.")
-        return self._pipeline_loss(model, inputs)
+        try:
+            loss = self._pipeline_loss(model, inputs)
+        except ValueError as error:  # TRL's message for a vision batch whose max_length cut image tokens
+            if "Image features and image tokens do not match" in str(error) and self.args.max_length is not None:
+                raise ValueError(
+                    f"max_length ({self.args.max_length}) cuts image placeholder tokens out of input_ids while the "
+                    "image features remain. Increase max_length, or set it to None."
+                ) from error
+            raise
+        if not return_outputs:
+            return loss
+        # What TRL's DPOTrainer returns (prediction_step hands `outputs.logits` to compute_metrics): the full logits
+        # of every row, from an extra forward without gradients.
+        warnings.warn(
+            "`return_outputs=True`, and the logits it passes to `compute_metrics`, are deprecated in TRL and will be "
+            "removed in v2.0.0. The completion head does not build the logits, so they are recomputed with an extra "
+            "forward pass.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        with torch.no_grad():
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                **model_inputs(inputs),
+            )
+        return loss, outputs
 
     def _pipeline_loss(self, model, inputs):
         mode = "train" if self.model.training else "eval"
         completion_mask = inputs["completion_mask"]
         num_pairs = self._num_pairs(inputs)
+        policy_kwargs = model_inputs(inputs)
+        if self.aux_loss_enabled:  # MoE: the router load-balancing loss, as TRL adds it
+            policy_kwargs["output_router_logits"] = True
         with self._captured_hidden_states("policy"):
             row_logps, per_token_logps, outputs = completion_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], completion_mask, entropy=True
+                model, inputs["input_ids"], inputs["attention_mask"], completion_mask, entropy=True, metrics=True,
+                **policy_kwargs,
             )
         shift_mask = completion_mask[:, 1:]
         lengths = shift_mask.sum(dim=1).float()
@@ -297,6 +354,9 @@ class RefPOTrainer(_TRLDPOTrainer):
             result = objective(pairs, ctx)
             loss = loss + weight * result.losses.mean()
             results.append(result)
+        if self.aux_loss_enabled:
+            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+            self._metrics[mode]["aux_loss"].append(self.accelerator.gather_for_metrics(outputs.aux_loss).mean().item())
         self._log_pipeline_metrics(mode, pairs, results, outputs, shift_mask, inputs)
         if ctx.training and torch.is_tensor(loss) and loss.requires_grad:  # 3D-properties, from this forward's graph
             for name, value in logp_gradient_metrics(
@@ -315,6 +375,12 @@ class RefPOTrainer(_TRLDPOTrainer):
     def _gathered_mean(self, tensor) -> float:
         return self.accelerator.gather(tensor.detach().float()).mean().item()
 
+    def _gathered_token_mean(self, values, mask) -> float | None:
+        """Mean of ``values`` over the tokens of ``mask`` on every process (None without tokens), as TRL weighs it."""
+        total = self.accelerator.gather_for_metrics((values.detach().float() * mask).sum()).sum().item()
+        count = self.accelerator.gather_for_metrics(mask.sum()).sum().item()
+        return total / count if count > 0 else None
+
     def _log_pipeline_metrics(self, mode, pairs, results, outputs, shift_mask, inputs):
         metrics = self._metrics[mode]
         rewarded = next((result for result in results if result.chosen_rewards is not None), None)
@@ -331,13 +397,19 @@ class RefPOTrainer(_TRLDPOTrainer):
             metrics["logps/ref_chosen"].append(self._gathered_mean(pairs.ref_chosen_logps))
             metrics["logps/ref_rejected"].append(self._gathered_mean(pairs.ref_rejected_logps))
         seq_len = shift_mask.size(1)
-        mask = shift_mask.float()
-        token_count = self.accelerator.gather(mask.sum()).sum()
-        if outputs.entropy is not None and token_count > 0:
-            entropy = self.accelerator.gather((outputs.entropy[:, -seq_len:] * mask).sum()).sum()
-            metrics["entropy"].append((entropy / token_count).item())
+        entropy = self._gathered_token_mean(outputs.entropy[:, -seq_len:], shift_mask)
+        if entropy is not None:
+            metrics["entropy"].append(entropy)
+        # TRL's logit and top-1 metrics (per completion token, folded in the completion head's tiles)
+        num_pairs = pairs.chosen_logps.size(0)
+        chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
+        mean_logits, is_top1 = outputs.mean_logits[:, -seq_len:], outputs.is_top1[:, -seq_len:]
+        metrics["logits/chosen"].append(self._gathered_token_mean(mean_logits[chosen], shift_mask[chosen]) or 0.0)
+        metrics["logits/rejected"].append(self._gathered_token_mean(mean_logits[rejected], shift_mask[rejected]) or 0.0)
+        metrics["mean_token_accuracy"].append(self._gathered_token_mean(is_top1[chosen], shift_mask[chosen]) or 0.0)
         if mode == "train":
-            self._total_train_tokens += self.accelerator.gather(inputs["attention_mask"].sum()).sum().item()
+            tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+            self._total_train_tokens += tokens // self._tp_size
         metrics["num_tokens"] = [self._total_train_tokens]
         for result in results:
             for name, value in result.metrics.items():
