@@ -252,7 +252,7 @@ class RecordPredictions:
 EVAL_CONFIGS = {
     **ALL_PLUGIN_CONFIGS,
     "likelihood": dict(loss_type="likelihood", beta=0.5),
-    "typo": dict(loss_type="typo", beta=0.5),
+    "typo": dict(loss_type="typo"),
 }
 
 
