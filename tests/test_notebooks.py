@@ -107,7 +107,8 @@ def test_committed_notebook_has_the_source_cells_and_outputs_of_a_full_run(name)
     outputs = [output for cell in committed.cells if cell.cell_type == "code" for output in cell.outputs]
     assert not [output for output in outputs if output.output_type == "error"], f"{name}.ipynb stores an error"
     assert any("image/png" in output.get("data", {}) for output in outputs), f"{name}.ipynb shows no figure"
-    assert all(cell.outputs for cell in committed.cells if cell.cell_type == "code"), f"{name}.ipynb: empty cell"
+    counts = [cell.execution_count for cell in committed.cells if cell.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), f"{name}.ipynb: not run top to bottom in one go: {counts}"
     assert committed.metadata.get("trl_refpo", {}).get("settings") == "full", f"{name}.ipynb: not a full run"
 
 

@@ -21,14 +21,16 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
 
-from trl_refpo import DPOConfig, DPOTrainer
-from trl_refpo.cli import RecipeError, check_model_path
-from trl_refpo.constraint_tasks import constraint_splits, preference_dataset
-from trl_refpo.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable
-from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
+
+from trl_refpo import DPOConfig, DPOTrainer  # noqa: E402
+from trl_refpo.cli import RecipeError, check_model_path  # noqa: E402
+from trl_refpo.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
+from trl_refpo.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable  # noqa: E402
+from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README_IMAGES = REPO_ROOT / "docs" / "images"
@@ -37,7 +39,21 @@ TINY, TINY_BPE = "tiny", "tiny-bpe"
 KNOWN = [TINY, TINY_BPE] + [OFFLINE_PREFIX + name for name in OFFLINE_MODELS]
 
 sys.path.insert(0, str(REPO_ROOT / "examples"))
-warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
+
+
+def _show_figures_inline() -> None:
+    """Figures show in the notebook (and are stored in the .ipynb) even where MPLBACKEND names a file backend."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+        shell.run_line_magic("matplotlib", "inline")
+
+
+_show_figures_inline()
+
 from main_job import constraint_rates, greedy_responses  # noqa: E402  (the main job's held-out evaluation)
 
 
@@ -110,7 +126,7 @@ def cpu_config(output_dir: str, max_steps: int, learning_rate: float, batch_size
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         report_to=[],
-        disable_tqdm=True,  # no HTML progress table per run in the notebook
+        disable_tqdm=True,  # no HTML progress table per run in the notebook (and no log printer: train_copy)
         seed=0,
     )
     fields.update(overrides)
@@ -128,6 +144,7 @@ def train_copy(model, tokenizer, output_dir, train_dataset, eval_dataset=None, *
     trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
                          ref_model=ref_model, ref_tokenizer=ref_tokenizer)
+    trainer.remove_callback(PrinterCallback)  # the notebook plots the logs instead of printing every step
     if train:
         trainer.train()
     return trainer
