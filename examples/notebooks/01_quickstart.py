@@ -58,6 +58,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, constraint_satisfaction, load_model, logged, save_figure, train_copy
+from trl_refpo.constraint_tasks import KINDS
 
 plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
@@ -100,7 +101,7 @@ for loss_type, fields in LOSS_TYPES.items():
     del trainer  # keep only the logs: every run holds a 135M model, its reference and its optimizer state
 
 # %%
-kinds = list(before_rates)
+kinds = [*KINDS, "all"]
 satisfaction = pd.DataFrame({"before": before_rates} | {name: run["rates"] for name, run in runs.items()}).loc[kinds]
 print("held-out constraint satisfaction (share of greedy replies the rule accepts)")
 satisfaction.round(2)
@@ -128,10 +129,11 @@ axes[0].set_xticks(range(len(kinds)), kinds, rotation=15)
 axes[0].set(ylim=(0, 1), ylabel="share satisfied", title=f"held-out constraint satisfaction ({NUM_EVAL} prompts)")
 axes[0].legend(fontsize=8)
 for number, (name, run) in enumerate(runs.items()):
-    axes[1].plot(*logged(run["history"], "logps/rejected"), color=f"C{number}", label=f"{name}: rejected")
-    axes[1].plot(*logged(run["history"], "logps/chosen"), "--", color=f"C{number}", label=f"{name}: chosen")
-axes[1].set(xlabel="optimizer step", title="log π_θ of the training batch's replies")
-axes[1].legend(fontsize=7)
+    steps, chosen = logged(run["history"], "logps/chosen")
+    rejected = logged(run["history"], "logps/rejected")[1]
+    axes[1].plot(steps, [c - r for c, r in zip(chosen, rejected)], color=f"C{number}", label=name)
+axes[1].set(xlabel="optimizer step", title="training batch: log π_θ(y_w) − log π_θ(y_l)")
+axes[1].legend(fontsize=8)
 figure.suptitle(f"SmolLM2-135M-Instruct, {MAX_STEPS} steps × {BATCH_SIZE} pairs, lr {LEARNING_RATE:g}"
                 if MODEL.startswith("offline:") else f"{MODEL}, {MAX_STEPS} steps", fontsize=10)
 figure.tight_layout()
