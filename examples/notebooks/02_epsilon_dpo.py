@@ -42,7 +42,7 @@ MAX_STEPS = 12
 NUM_TRAIN, NUM_EVAL = 48, 24
 BETA = 0.1
 EPSILONS = [0.01, 0.1]     # the paper's ε, and a larger one whose β moves visibly in a short run
-WITH_DPO = False           # also train plain DPO for comparison (01_quickstart compares them on generations)
+WITH_DPO = True            # also train plain DPO (sigmoid) for comparison
 OUTPUT_DIR = "outputs/epsilon_dpo"
 
 # The tests run every notebook on a random tiny model built in code, a few steps (TRL_REFPO_NOTEBOOK_SMALL=1).

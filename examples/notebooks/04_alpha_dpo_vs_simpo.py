@@ -59,7 +59,8 @@ from notebook_utils import constraint_data, load_model, logged, save_figure, tra
 plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
 _, _, train_dataset, eval_dataset = constraint_data(NUM_TRAIN, NUM_EVAL)
-SHARED = dict(beta=2.5, gamma_beta_ratio=0.6, ln=True)  # the same data, seed and β for every run
+# the same data, seed, β and learning-rate schedule for every run (also the shorter α = 0 check)
+SHARED = dict(beta=2.5, gamma_beta_ratio=0.6, ln=True, warmup_steps=MAX_STEPS // 8)
 
 runs = {}
 for name, loss_type, fields, steps in [
