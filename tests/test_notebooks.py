@@ -166,3 +166,18 @@ def test_notebook_with_missing_model_stops_with_one_line(notebook_env, monkeypat
         "NotebookSetupError: MODEL = '/no/such/model/folder': does not exist (no such folder). Set MODEL to one of "
         "['tiny', 'tiny-bpe', 'offline:smollm2-135m-instruct', 'offline:gemma3-270m'] or to a local model folder."
     ]
+
+
+def test_readme_figures_exist_and_the_command_after_each_regenerates_it():
+    """Every README image under docs/images/ is a small PNG, and the first `execute.py --export NAME` after it names
+    the notebook whose source saves that file."""
+    readme = (NOTEBOOK_DIR.parents[1] / "README.md").read_text()
+    images = list(re.finditer(r"!\[[^\]]*\]\((docs/images/[^)]+\.png)\)", readme))
+    assert len(images) >= 4
+    for image in images:
+        path = NOTEBOOK_DIR.parents[1] / image.group(1)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 150_000, path
+        command = re.compile(r"python examples/notebooks/execute\.py --export (\w+)").search(readme, image.end())
+        assert command is not None and command.group(1) in NOTEBOOKS, f"no command after {image.group(1)}"
+        source = (NOTEBOOK_DIR / f"{command.group(1)}.py").read_text()
+        assert f'"{path.name}")' in source, f"{command.group(1)}.py does not save {path.name}"
