@@ -32,31 +32,26 @@
 # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────────────────────
 import os
 
+from notebook_utils import SMALL_TEST_RUN, output_dir
+
 MODEL = "offline:smollm2-135m-instruct"  # or a local model folder
 LEARNING_RATE = 2e-5
 BATCH_SIZE = 4
 MAX_STEPS = 12
 CHECK_STEPS = 3            # steps of the α = 0 run compared with SimPO
 NUM_TRAIN, NUM_EVAL = 48, 24
-OUTPUT_DIR = "outputs/alpha_dpo_vs_simpo"
+OUTPUT_DIR = output_dir("alpha_dpo_vs_simpo")  # outputs/alpha_dpo_vs_simpo
 
-# The tests run every notebook on a random tiny model built in code, a few steps (TRL_REFPO_NOTEBOOK_SMALL=1).
-if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
+if SMALL_TEST_RUN:  # the tests (TRL_REFPO_NOTEBOOK_SMALL=1): tiny models built in code, a few steps
     MODEL, LEARNING_RATE, MAX_STEPS, CHECK_STEPS, NUM_TRAIN, NUM_EVAL = "tiny", 2e-3, 4, 3, 16, 6
-MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)
-OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
+MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)  # the tests try a missing model
 
 # %%
-import warnings
-
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
-os.environ.setdefault("TQDM_DISABLE", "1")
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, load_model, logged, save_figure, train_copy
 
-plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
 _, _, train_dataset, eval_dataset = constraint_data(NUM_TRAIN, NUM_EVAL)
 # the same data, seed, β and learning-rate schedule for every run (also the shorter α = 0 check)

@@ -22,6 +22,8 @@ import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no progress bars in the stored outputs
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
@@ -35,6 +37,7 @@ from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README_IMAGES = REPO_ROOT / "docs" / "images"
 EXPORT_DPI = 90  # the README's PNGs stay well under 150 KB
+SMALL_TEST_RUN = bool(os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"))  # the tests' settings: tiny models, a few steps
 TINY, TINY_BPE = "tiny", "tiny-bpe"
 KNOWN = [TINY, TINY_BPE] + [OFFLINE_PREFIX + name for name in OFFLINE_MODELS]
 
@@ -50,6 +53,9 @@ def _show_figures_inline() -> None:
     shell = get_ipython()
     if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
         shell.run_line_magic("matplotlib", "inline")
+        import matplotlib
+
+        matplotlib.rcParams["figure.dpi"] = 80  # the figures stored in the .ipynb stay small
 
 
 _show_figures_inline()
@@ -154,6 +160,11 @@ def logged(history, key: str) -> tuple[list[int], list[float]]:
     """``(steps, values)`` of a training metric from a trainer or its ``state.log_history``."""
     entries = [entry for entry in getattr(getattr(history, "state", None), "log_history", history) if key in entry]
     return [entry["step"] for entry in entries], [entry[key] for entry in entries]
+
+
+def output_dir(name: str) -> str:
+    """``outputs/<name>`` (git-ignored), under ``$TRL_REFPO_NOTEBOOK_OUTPUT_DIR`` when set (the tests' own folder)."""
+    return os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), "outputs", name)
 
 
 def output_path(output_dir: str, *parts: str) -> str:
