@@ -35,6 +35,8 @@
 # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────────────────────
 import os
 
+from notebook_utils import SMALL_TEST_RUN, output_dir
+
 MODEL = "offline:smollm2-135m-instruct"  # or a local model folder
 LEARNING_RATE = 2e-5
 BATCH_SIZE = 4
@@ -43,25 +45,18 @@ NUM_TRAIN, NUM_EVAL = 48, 24
 BETA = 0.1
 EPSILONS = [0.01, 0.1]     # the paper's ε, and a larger one whose β moves visibly in a short run
 WITH_DPO = True            # also train plain DPO (sigmoid) for comparison
-OUTPUT_DIR = "outputs/epsilon_dpo"
+OUTPUT_DIR = output_dir("epsilon_dpo")  # outputs/epsilon_dpo
 
-# The tests run every notebook on a random tiny model built in code, a few steps (TRL_REFPO_NOTEBOOK_SMALL=1).
-if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
+if SMALL_TEST_RUN:  # the tests (TRL_REFPO_NOTEBOOK_SMALL=1): tiny models built in code, a few steps
     MODEL, LEARNING_RATE, MAX_STEPS, NUM_TRAIN, NUM_EVAL, WITH_DPO = "tiny", 2e-3, 4, 16, 6, True
-MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)
-OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
+MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)  # the tests try a missing model
 
 # %%
-import warnings
-
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
-os.environ.setdefault("TQDM_DISABLE", "1")
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, load_model, logged, save_figure, train_copy
 
-plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
 _, _, train_dataset, eval_dataset = constraint_data(NUM_TRAIN, NUM_EVAL)
 
