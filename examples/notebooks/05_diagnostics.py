@@ -26,6 +26,8 @@
 # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────────────────────
 import os
 
+from notebook_utils import SMALL_TEST_RUN, output_dir
+
 MODEL = "offline:smollm2-135m-instruct"  # or a local model folder
 LEARNING_RATE = 2e-5
 BATCH_SIZE = 4
@@ -33,27 +35,21 @@ MAX_STEPS = 12             # the DPO run analysed token by token
 GRADIENT_STEPS = 6         # each run of the gradient-magnitude comparison
 NUM_TRAIN, NUM_EVAL = 48, 32
 MIN_COUNT = 10             # occurrences a token needs to be listed (the paper: 100, on far more data)
-OUTPUT_DIR = "outputs/diagnostics"
+OUTPUT_DIR = output_dir("diagnostics")  # outputs/diagnostics
 
-# The tests run every notebook on a random tiny model built in code, a few steps (TRL_REFPO_NOTEBOOK_SMALL=1).
-if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
+if SMALL_TEST_RUN:  # the tests (TRL_REFPO_NOTEBOOK_SMALL=1): tiny models built in code, a few steps
     MODEL, LEARNING_RATE, MAX_STEPS, GRADIENT_STEPS, NUM_TRAIN, NUM_EVAL = "tiny", 2e-3, 4, 3, 16, 12
-MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)
-OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
+MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)  # the tests try a missing model
 
 # %%
 import copy
-import warnings
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
-os.environ.setdefault("TQDM_DISABLE", "1")
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, load_model, logged, output_path, save_figure, train_copy
 from trl_refpo.diagnostics import TokenLevelAnalysisCallback, token_level_analysis
 
-plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
 _, _, train_dataset, eval_dataset = constraint_data(NUM_TRAIN, NUM_EVAL)
 
