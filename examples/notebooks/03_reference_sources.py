@@ -35,6 +35,8 @@
 # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────────────────────
 import os
 
+from notebook_utils import SMALL_TEST_RUN, output_dir
+
 MODEL = "offline:smollm2-135m-instruct"  # the policy, or a local model folder
 REF_MODEL = "offline:gemma3-270m"         # the cross-tokenizer reference, or a local model folder
 LEARNING_RATE = 2e-5
@@ -42,26 +44,20 @@ BATCH_SIZE = 4
 MAX_STEPS = 8
 SFT_STEPS = 6              # steps that make the "stronger" reference (SFT on the chosen replies)
 NUM_TRAIN, NUM_EVAL = 32, 24
-OUTPUT_DIR = "outputs/references"
+OUTPUT_DIR = output_dir("references")  # outputs/references
 
-# The tests run every notebook on random tiny models built in code, a few steps (TRL_REFPO_NOTEBOOK_SMALL=1).
-if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
+if SMALL_TEST_RUN:  # the tests (TRL_REFPO_NOTEBOOK_SMALL=1): tiny models built in code, a few steps
     MODEL, REF_MODEL, LEARNING_RATE, MAX_STEPS, SFT_STEPS, NUM_TRAIN, NUM_EVAL = "tiny", "tiny-bpe", 2e-3, 3, 3, 12, 6
-MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)
-OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
+MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)  # the tests try a missing model
 
 # %%
 import logging
-import warnings
 
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
-os.environ.setdefault("TQDM_DISABLE", "1")
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, load_model, save_figure, train_copy
 
-plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
 _, _, train_dataset, eval_dataset = constraint_data(NUM_TRAIN, NUM_EVAL)
 results = {}
