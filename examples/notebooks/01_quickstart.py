@@ -30,6 +30,8 @@
 # ── Parameters: edit this cell ─────────────────────────────────────────────────────────────────────────────
 import os
 
+from notebook_utils import SMALL_TEST_RUN, output_dir
+
 MODEL = "offline:smollm2-135m-instruct"  # or a local model folder
 LEARNING_RATE = 2e-5
 BATCH_SIZE = 4             # preference pairs per optimizer step
@@ -41,26 +43,19 @@ LOSS_TYPES = {
     "alpha_dpo": dict(beta=2.5, alpha=0.2, gamma_beta_ratio=0.6, ln=True),
     "epsilon_dpo": dict(beta=0.1, epsilon=0.01),
 }
-OUTPUT_DIR = "outputs/quickstart"
+OUTPUT_DIR = output_dir("quickstart")  # outputs/quickstart
 
-# The tests run every notebook on a random tiny model built in code, a few steps (TRL_REFPO_NOTEBOOK_SMALL=1).
-if os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"):
+if SMALL_TEST_RUN:  # the tests (TRL_REFPO_NOTEBOOK_SMALL=1): tiny models built in code, a few steps
     MODEL, LEARNING_RATE, MAX_STEPS, NUM_TRAIN, NUM_EVAL, MAX_NEW_TOKENS = "tiny", 2e-3, 3, 12, 6, 4
-MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)
-OUTPUT_DIR = os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), OUTPUT_DIR)
+MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)  # the tests try a missing model
 
 # %%
-import warnings
-
-warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
-os.environ.setdefault("TQDM_DISABLE", "1")
 import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, constraint_satisfaction, load_model, logged, save_figure, train_copy
 from trl_refpo.constraint_tasks import KINDS
 
-plt.rcParams["figure.dpi"] = 80
 model, tokenizer = load_model(MODEL)
 print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters, "
       f"vocabulary {len(tokenizer)}")
