@@ -1,8 +1,10 @@
-"""Every notebook in examples/notebooks runs top to bottom with small settings; a bad model path is one clear line.
+"""The notebooks in examples/notebooks: each runs top to bottom with small settings, its committed outputs come from
+its current source, and a bad model path is one clear line.
 
-The kernel is this interpreter (``sys.executable``) through a kernelspec written to a temporary folder, so the
-test does not depend on which ``python`` is first on PATH or on kernelspecs installed elsewhere (a fresh venv
-with ``ipykernel`` works the same as a system install).
+Every notebook is a Jupytext pair: ``NN_name.py`` (the source) and ``NN_name.ipynb`` (with the outputs of a real
+run, written by ``examples/notebooks/execute.py``). The kernel is this interpreter (``sys.executable``) through a
+kernelspec written to a temporary folder, so the test does not depend on which ``python`` is first on PATH or on
+kernelspecs installed elsewhere.
 """
 
 from __future__ import annotations
@@ -12,18 +14,22 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import jupytext
 import nbclient
 import nbformat
 import pytest
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "examples" / "notebooks"
-NOTEBOOKS = sorted(path.name for path in NOTEBOOK_DIR.glob("*.ipynb"))
+sys.path.insert(0, str(NOTEBOOK_DIR))
+import execute  # noqa: E402  (examples/notebooks/execute.py: the runner that writes the committed outputs)
+
+NOTEBOOKS = execute.SOURCES
 KERNEL_NAME = "trl-refpo-test-python"
 CELL_TIMEOUT_S = 300
 ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
-sys.path.insert(0, str(NOTEBOOK_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -58,22 +64,12 @@ def notebook_env(kernel_path, tmp_path, monkeypatch):
     return tmp_path
 
 
-def execute(name: str) -> nbformat.NotebookNode:
-    """Run a notebook in its own folder; on a failing cell, fail with that cell's source and error."""
-    notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
-    )
+def execute_small(name: str) -> nbformat.NotebookNode:
+    """Run a notebook's source in its own folder; on a failing cell, fail with that cell's source and error."""
     try:
-        client.execute()
+        return execute.execute(name, kernel_name=KERNEL_NAME, timeout=CELL_TIMEOUT_S)
     except nbclient.exceptions.CellExecutionError as error:
-        cell = next(
-            (c for c in notebook.cells if any(o.get("output_type") == "error" for o in c.get("outputs", []))), None
-        )
-        source = cell.source if cell is not None else "<unknown cell>"
-        message = ANSI_ESCAPE.sub("", str(error))
-        pytest.fail(f"{name}: a cell failed.\n--- cell ---\n{source}\n--- error ---\n{message}", pytrace=False)
-    return notebook
+        pytest.fail(f"{name}: a cell failed.\n{ANSI_ESCAPE.sub('', str(error))}", pytrace=False)
 
 
 def outputs_text(notebook) -> str:
@@ -87,7 +83,7 @@ def outputs_text(notebook) -> str:
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs(name, notebook_env, capsys):
     start = time.perf_counter()
-    notebook = execute(name)
+    notebook = execute_small(name)
     with capsys.disabled():
         print(f"\n{name}: executed in {time.perf_counter() - start:.1f}s", end="")
     pngs = sorted(notebook_env.rglob("*.png"))
@@ -98,13 +94,35 @@ def test_notebook_runs(name, notebook_env, capsys):
         assert "Loaded the reference log-probs" in text  # the second precompute hit the cache
 
 
-def test_notebooks_are_generated_from_the_builder():
-    import build_notebooks
+def cell_sources(notebook) -> list[tuple[str, str]]:
+    return [(cell.cell_type, cell.source) for cell in notebook.cells]
 
-    assert build_notebooks.main(["--check"]) == 0, "run python examples/notebooks/build_notebooks.py"
-    for name in NOTEBOOKS:
-        notebook = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
-        assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), name
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_notebook_has_the_source_cells_and_outputs_of_a_full_run(name):
+    committed = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+    assert cell_sources(committed) == cell_sources(jupytext.read(NOTEBOOK_DIR / f"{name}.py")), (
+        f"{name}.ipynb and {name}.py differ: run python examples/notebooks/execute.py {name}"
+    )
+    outputs = [output for cell in committed.cells if cell.cell_type == "code" for output in cell.outputs]
+    assert not [output for output in outputs if output.output_type == "error"], f"{name}.ipynb stores an error"
+    assert any("image/png" in output.get("data", {}) for output in outputs), f"{name}.ipynb shows no figure"
+    counts = [cell.execution_count for cell in committed.cells if cell.cell_type == "code"]
+    assert counts == list(range(1, len(counts) + 1)), f"{name}.ipynb: not run top to bottom in one go: {counts}"
+    assert committed.metadata.get("trl_refpo", {}).get("settings") == "full", f"{name}.ipynb: not a full run"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_committed_outputs_were_produced_by_the_current_package_code(name):
+    """A warning, not a failure: a package change need not block on re-running every notebook."""
+    stored = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4).metadata.get("trl_refpo", {})
+    if stored.get("package_hash") != execute.package_hash():
+        warnings.warn(
+            f"{name}.ipynb: its outputs were produced by other trl_refpo code than the current one; "
+            f"rerun: python examples/notebooks/execute.py {name}",
+            UserWarning,
+            stacklevel=1,
+        )
 
 
 @pytest.mark.parametrize(
@@ -135,7 +153,7 @@ def test_folder_that_is_not_a_model_names_the_parameter(tmp_path):
 def test_notebook_with_missing_model_stops_with_one_line(notebook_env, monkeypatch):
     """The user's view: the first cell that loads the model shows one line, not a traceback."""
     monkeypatch.setenv("TRL_REFPO_NOTEBOOK_MODEL", "/no/such/model/folder")
-    notebook = nbformat.read(NOTEBOOK_DIR / NOTEBOOKS[0], as_version=4)
+    notebook = jupytext.read(NOTEBOOK_DIR / f"{NOTEBOOKS[0]}.py")
     client = nbclient.NotebookClient(
         notebook, timeout=CELL_TIMEOUT_S, kernel_name=KERNEL_NAME, resources={"metadata": {"path": str(NOTEBOOK_DIR)}}
     )
@@ -148,3 +166,18 @@ def test_notebook_with_missing_model_stops_with_one_line(notebook_env, monkeypat
         "NotebookSetupError: MODEL = '/no/such/model/folder': does not exist (no such folder). Set MODEL to one of "
         "['tiny', 'tiny-bpe', 'offline:smollm2-135m-instruct', 'offline:gemma3-270m'] or to a local model folder."
     ]
+
+
+def test_readme_figures_exist_and_the_command_after_each_regenerates_it():
+    """Every README image under docs/images/ is a small PNG, and the first `execute.py --export NAME` after it names
+    the notebook whose source saves that file."""
+    readme = (NOTEBOOK_DIR.parents[1] / "README.md").read_text()
+    images = list(re.finditer(r"!\[[^\]]*\]\((docs/images/[^)]+\.png)\)", readme))
+    assert len(images) >= 4
+    for image in images:
+        path = NOTEBOOK_DIR.parents[1] / image.group(1)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 150_000, path
+        command = re.compile(r"python examples/notebooks/execute\.py --export (\w+)").search(readme, image.end())
+        assert command is not None and command.group(1) in NOTEBOOKS, f"no command after {image.group(1)}"
+        source = (NOTEBOOK_DIR / f"{command.group(1)}.py").read_text()
+        assert f'"{path.name}")' in source, f"{command.group(1)}.py does not save {path.name}"

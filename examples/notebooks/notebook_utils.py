@@ -1,26 +1,66 @@
 """Small helpers shared by the notebooks in this folder (kept here so every notebook cell stays short).
 
-* :func:`load_model` — ``"tiny"`` (a random Llama and a WordLevel tokenizer built in code: offline, seconds),
-  ``"tiny-bpe"`` (the same with a different, BPE tokenizer), ``"offline:<name>"`` (the real small models of
-  :mod:`trl_refpo.offline_models`) or a local model folder. A model that cannot be found raises
-  :class:`NotebookSetupError`, which Jupyter shows as ONE line (no traceback).
-* :func:`cpu_config` — the ``DPOConfig`` fields every notebook shares (CPU, no checkpoints, logging every step).
-* :func:`logged` — a metric's values per step, read from ``trainer.state.log_history``.
+* :func:`load_model` — ``"offline:<name>"`` (the real small models of :mod:`trl_refpo.offline_models`), a
+  local model folder, or for the tests ``"tiny"`` (a random Llama and a WordLevel tokenizer built in code:
+  offline, seconds) and ``"tiny-bpe"`` (the same with a different, BPE tokenizer). A model that cannot be found
+  raises :class:`NotebookSetupError`, which Jupyter shows as ONE line (no traceback).
+* :func:`constraint_data` — the main job's rule-checked constraint tasks (``trl_refpo.constraint_tasks``) as
+  train / held-out preference datasets; :func:`constraint_satisfaction` scores greedy replies by the rules.
+* :func:`train_copy` — a ``DPOTrainer`` on a copy of the policy with :func:`cpu_config`'s fields (CPU, no
+  checkpoints, logging every step), trained; :func:`logged` reads a metric's values per step.
+* :func:`save_figure` — a PNG under ``OUTPUT_DIR``; with ``TRL_REFPO_NOTEBOOK_EXPORT=1`` (``execute.py --export``)
+  also the README's copy under ``docs/images/``.
 """
 
 from __future__ import annotations
 
+import copy
+import gc
 import os
+import sys
+import warnings
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
+os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no progress bars in the stored outputs
 
-from trl_refpo.cli import RecipeError, check_model_path
-from trl_refpo.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable
-from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  # noqa: E402
 
+from trl_refpo import DPOConfig, DPOTrainer  # noqa: E402
+from trl_refpo.cli import RecipeError, check_model_path  # noqa: E402
+from trl_refpo.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
+from trl_refpo.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable  # noqa: E402
+from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+README_IMAGES = REPO_ROOT / "docs" / "images"
+EXPORT_DPI = 90  # the README's PNGs stay well under 150 KB
+SMALL_TEST_RUN = bool(os.environ.get("TRL_REFPO_NOTEBOOK_SMALL"))  # the tests' settings: tiny models, a few steps
 TINY, TINY_BPE = "tiny", "tiny-bpe"
 KNOWN = [TINY, TINY_BPE] + [OFFLINE_PREFIX + name for name in OFFLINE_MODELS]
+
+sys.path.insert(0, str(REPO_ROOT / "examples"))
+
+
+def _show_figures_inline() -> None:
+    """Figures show in the notebook (and are stored in the .ipynb) even where MPLBACKEND names a file backend."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None and type(shell).__name__ == "ZMQInteractiveShell":
+        shell.run_line_magic("matplotlib", "inline")
+        import matplotlib
+
+        matplotlib.rcParams["figure.dpi"] = 80  # the figures stored in the .ipynb stay small
+
+
+_show_figures_inline()
+
+from main_job import constraint_rates, greedy_responses  # noqa: E402  (the main job's held-out evaluation)
 
 
 class NotebookSetupError(ValueError):
@@ -54,19 +94,37 @@ def load_model(name_or_path: str, seed: int = 0, parameter: str = "MODEL"):
     path = resolve_model(name_or_path, parameter)
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model, tokenizer
 
 
-def cpu_config(output_dir: str, max_steps: int, learning_rate: float, batch_size: int = 16, **overrides) -> dict:
+def constraint_data(num_train: int, num_eval: int, seed: int = 0):
+    """``(train_tasks, eval_tasks, train_dataset, eval_dataset)``: the main job's constraint tasks, held-out
+    prompts disjoint from the training ones, kinds balanced."""
+    train_tasks, eval_tasks = constraint_splits(num_train, num_eval, seed)
+    return train_tasks, eval_tasks, preference_dataset(train_tasks), preference_dataset(eval_tasks)
+
+
+def constraint_satisfaction(model, tokenizer, tasks, max_new_tokens: int) -> tuple[dict[str, float], list[str]]:
+    """``(rates, replies)``: the greedy replies to ``tasks`` and the share that satisfies its constraint, per kind
+    and overall (``"all"``)."""
+    replies = greedy_responses(model, tokenizer, tasks, max_new_tokens, desc="Generating")
+    return constraint_rates(tasks, replies), replies
+
+
+def cpu_config(output_dir: str, max_steps: int, learning_rate: float, batch_size: int = 4, **overrides) -> dict:
     """The ``DPOConfig`` fields the notebooks share: short CPU runs, a metric entry per step, no checkpoints."""
     fields = dict(
         output_dir=output_dir,
         max_steps=max_steps,
         per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=2 * batch_size,
+        per_device_eval_batch_size=8,
         learning_rate=learning_rate,
-        lr_scheduler_type="constant",
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=max_steps // 8,
+        max_length=128,
         logging_steps=1,
         save_strategy="no",
         eval_strategy="no",
@@ -74,20 +132,55 @@ def cpu_config(output_dir: str, max_steps: int, learning_rate: float, batch_size
         use_cpu=not torch.cuda.is_available(),
         gradient_checkpointing=False,
         report_to=[],
+        disable_tqdm=True,  # no HTML progress table per run in the notebook (and no log printer: train_copy)
         seed=0,
     )
     fields.update(overrides)
     return fields
 
 
-def logged(trainer, key: str) -> tuple[list[int], list[float]]:
-    """``(steps, values)`` of a training metric from ``trainer.state.log_history``."""
-    entries = [entry for entry in trainer.state.log_history if key in entry]
+def train_copy(model, tokenizer, output_dir, train_dataset, eval_dataset=None, *, max_steps, learning_rate,
+               batch_size, train=True, callbacks=None, ref_model=None, ref_tokenizer=None, **fields):
+    """A ``DPOTrainer`` on a copy of ``model`` (the initial policy stays untouched), trained unless ``train=False``.
+
+    ``fields``: ``DPOConfig`` fields (``loss_type``, ``beta``, ...), on top of :func:`cpu_config`'s.
+    """
+    args = DPOConfig(**cpu_config(output_dir, max_steps, learning_rate, batch_size, **fields))
+    gc.collect()  # the previous run's optimizer state goes before this one allocates its own
+    trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
+                         ref_model=ref_model, ref_tokenizer=ref_tokenizer)
+    trainer.remove_callback(PrinterCallback)  # the notebook plots the logs instead of printing every step
+    if train:
+        trainer.train()
+    return trainer
+
+
+def logged(history, key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of a training metric from a trainer or its ``state.log_history``."""
+    entries = [entry for entry in getattr(getattr(history, "state", None), "log_history", history) if key in entry]
     return [entry["step"] for entry in entries], [entry[key] for entry in entries]
+
+
+def output_dir(name: str) -> str:
+    """``outputs/<name>`` (git-ignored), under ``$TRL_REFPO_NOTEBOOK_OUTPUT_DIR`` when set (the tests' own folder)."""
+    return os.path.join(os.environ.get("TRL_REFPO_NOTEBOOK_OUTPUT_DIR", ""), "outputs", name)
 
 
 def output_path(output_dir: str, *parts: str) -> str:
     """A path under ``output_dir``, its folder created."""
     path = os.path.join(output_dir, *parts)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    return path
+
+
+def save_figure(figure, output_dir: str, name: str) -> str:
+    """Save ``figure`` as ``<output_dir>/<name>``; with ``TRL_REFPO_NOTEBOOK_EXPORT=1`` also as the README's
+    ``docs/images/<name>`` (small: ``EXPORT_DPI``)."""
+    path = output_path(output_dir, name)
+    figure.savefig(path)
+    if os.environ.get("TRL_REFPO_NOTEBOOK_EXPORT") == "1":
+        README_IMAGES.mkdir(parents=True, exist_ok=True)
+        figure.savefig(README_IMAGES / name, dpi=EXPORT_DPI)
+        print(f"exported {README_IMAGES.relative_to(REPO_ROOT) / name}")
     return path
