@@ -42,8 +42,6 @@ if SMALL_TEST_RUN:  # the tests (TRL_REFPO_NOTEBOOK_SMALL=1): tiny models built 
 MODEL = os.environ.get("TRL_REFPO_NOTEBOOK_MODEL", MODEL)  # the tests try a missing model
 
 # %%
-import copy
-
 import matplotlib.pyplot as plt
 import pandas as pd
 

@@ -7,7 +7,7 @@
 The ``.py`` file is the source (edit it, or edit the ``.ipynb`` in Jupyter with the Jupytext extension, which keeps
 both in step: ``jupytext.toml`` pairs them). The kernel runs in this folder and inherits the environment, so
 ``TRL_REFPO_NOTEBOOK_SMALL=1`` gives the tests' small settings. The written notebook records, in its metadata
-``trl_refpo``, a hash of the package code (``trl_refpo/*.py``) it ran with; ``tests/test_notebooks.py`` warns when
+``trl_refpo``, a hash of the package code (every ``.py`` under ``trl_refpo/``) it ran with; ``tests/test_notebooks.py`` warns when
 that code has changed since.
 """
 
@@ -31,8 +31,8 @@ SOURCES = sorted(path.stem for path in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
 def package_hash() -> str:
     """sha256 over the package's Python files (names and contents): what the stored outputs were produced with."""
     digest = hashlib.sha256()
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        digest.update(path.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
