@@ -7,7 +7,7 @@ Targets (issue #2): sigmoid ≤ 1.02× TRL's time and ≤ 1.00× its memory; fle
 ≤ 1.02× our sigmoid; simpo / probability ≤ 0.75× (no reference forward).
 
 Our ``sigmoid`` runs TRL's own loss code and LM head; the trl-refpo types run the pipeline, whose LM head
-projects only completion positions (``trl_refpo/lm_head.py``). So the reference-free types are also compared
+projects only completion positions (``trl_refpo/heads/completion.py``). So the reference-free types are also compared
 with ``sigmoid_pipeline`` — sigmoid's loss through the pipeline (``flex_dpo`` with β⁺ = β⁻ = β) — where the
 only difference left is the reference forward.
 """

@@ -6,7 +6,7 @@
 
 The three methods run the same batches round-robin in one process (median step time); peak memory is measured
 per method in a fresh subprocess (see ``common.py``). The naive method is
-:func:`trl_refpo.testing.naive_epsilon_dpo`: the policy, reference and both perturbed policies as full
+``naive_epsilon_dpo`` of ``tests/oracles.py``: the policy, reference and both perturbed policies as full
 ``(2B, T, V)`` logits, as in the authors' code.
 
 Targets: epsilon_dpo ≤ 1.15× the time and ≤ 1.10× the peak memory of sigmoid, and ≤ 0.5× the naive method's
@@ -24,16 +24,18 @@ import tempfile
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # the oracle the tests use
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
     enable_activation_checkpointing, long_preference_dataset, prepared_batches, print_comparisons, step_memory,
     time_then_measure_memory,
 )
+from oracles import naive_epsilon_dpo  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
-from trl_refpo.testing import naive_epsilon_dpo, tiny_tokenizer  # noqa: E402
+from trl_refpo.testing import tiny_tokenizer  # noqa: E402
 
 METHODS = ("sigmoid", "epsilon_dpo", "naive")
 # "full" is SmolLM2-135M's architecture: 30 layers, hidden 576, vocabulary 49152, tied embeddings.

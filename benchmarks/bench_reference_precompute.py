@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-import trl_refpo.text_reference as text_reference  # noqa: E402
+import trl_refpo.reference.text as text_reference  # noqa: E402
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
 from trl_refpo.testing import LETTERS, tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # noqa: E402
 

@@ -18,8 +18,10 @@ from conftest import ForwardCounter, tiny_args
 from datasets import IterableDataset
 from safetensors.torch import save_file
 
-from trl_refpo import RefPOTrainer, losses, ref_cache
-from trl_refpo.objectives import OBJECTIVES, PairBatch, StepContext
+from trl_refpo import RefPOTrainer, losses
+from trl_refpo.reference import precompute as ref_cache
+from trl_refpo.objectives.base import PairBatch, StepContext
+from trl_refpo.objectives.registry import OBJECTIVES
 from trl_refpo.testing import tiny_llama, toy_preference_dataset
 
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")

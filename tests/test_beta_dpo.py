@@ -11,8 +11,10 @@ import torch.nn.functional as F
 from conftest import tiny_args
 
 from trl_refpo import RefPOTrainer, losses
-from trl_refpo.controllers import BetaDPOController, RunningMoments
-from trl_refpo.objectives import BetaDPO, PairBatch, StepContext, build_objectives
+from trl_refpo.objectives.controllers import BetaDPOController
+from trl_refpo.objectives.base import PairBatch, StepContext
+from trl_refpo.objectives.loss_types import BetaDPO
+from trl_refpo.objectives.registry import build_objectives
 from trl_refpo.testing import tiny_llama
 
 SEED, BETA, A, RHO = 3, 0.1, 0.6, 0.2
@@ -163,44 +165,14 @@ def test_zero_delta_first_step_is_finite(tmp_path):
 
 
 # ---------------------------------------------------------------- running moments (α-DPO and β-DPO)
-def test_optimizer_step_mode_pools_every_micro_batch():
-    values = torch.randn(12, generator=torch.Generator().manual_seed(0))
-    per_step, pooled = RunningMoments(update_every="optimizer_step"), RunningMoments()
-    for _ in range(2):
-        before = per_step.state_dict()
-        for chunk in values.split(4):  # three micro-batches (gathered) of one optimizer step
-            per_step.observe(chunk)
-        assert (per_step.mu, per_step.sigma) == (before["mu"], before["sigma"])  # nothing moves before the step
-        per_step.on_optimizer_step(lambda t: t)
-        pooled.observe(values)
-    assert per_step.mu == pytest.approx(pooled.mu, rel=1e-12)
-    assert per_step.sigma == pytest.approx(pooled.sigma, rel=1e-12)
-    assert per_step.pending_count == 0
-
-
-def test_bias_correction_recovers_constant_moments():
-    values = torch.tensor([1.0, 2.0, 4.0])
-    corrected, raw = RunningMoments(bias_correction=True), RunningMoments()
-    for _ in range(3):
-        corrected.observe(values)
-        raw.observe(values)
-    mu, sigma = corrected.estimate()
-    assert mu == pytest.approx(float(values.mean())) and sigma == pytest.approx(float(values.std()))
-    assert raw.estimate() == (raw.mu, raw.sigma) and raw.mu == pytest.approx((1 - 0.9**3) * mu)
-    assert corrected.mu == raw.mu  # the stored (checkpointed) moments are the authors'
-    single = RunningMoments(bias_correction=True)
-    single.observe(torch.tensor([3.0]))  # one value: σ undefined, never updated, stays 0
-    assert single.estimate() == (pytest.approx(3.0), 0.0)
-
-
 @pytest.mark.parametrize("loss_type", ["alpha_dpo", "beta_dpo"])
 def test_warns_when_sigma_cannot_be_estimated(loss_type, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="trl_refpo.objectives"):
+    with caplog.at_level(logging.WARNING, logger="trl_refpo.objectives.loss_types"):
         build_objectives(tiny_args(tmp_path, loss_type=loss_type, per_device_train_batch_size=1))
     assert f"{loss_type}: each update of its running σ sees 1 pair" in caplog.text
     assert "moments_update='optimizer_step' with gradient_accumulation_steps >= 2" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="trl_refpo.objectives"):
+    with caplog.at_level(logging.WARNING, logger="trl_refpo.objectives.loss_types"):
         build_objectives(tiny_args(tmp_path, loss_type=loss_type, per_device_train_batch_size=1,
                                    gradient_accumulation_steps=2, moments_update="optimizer_step"))
     assert "running σ" not in caplog.text
@@ -254,8 +226,3 @@ def test_resume_draws_the_same_selections(tokenizer, dataset, tmp_path):
     betas = [[entry["beta_dpo/beta"] for entry in t.state.log_history if "beta_dpo/beta" in entry][-2:]
              for t in (straight, resumed)]
     assert betas[0] == pytest.approx(betas[1], rel=1e-5)
-
-
-def test_state_from_the_former_beta_dpo_is_refused():
-    with pytest.raises(ValueError, match=r"BetaDPOController state lacks \['mu', 'sigma'.*cannot resume exactly"):
-        BetaDPOController().load_state_dict({"baseline": 0.3})

@@ -12,13 +12,8 @@ from conftest import tiny_args
 from datasets import Dataset
 
 from trl_refpo import RefPOTrainer, losses
-from trl_refpo.diagnostics import (
-    TokenLevelAnalysisCallback,
-    completion_logp_gradients,
-    gradient_magnitude_metrics,
-    pair_logp_gradients,
-    token_level_analysis,
-)
+from trl_refpo.diagnostics import completion_logp_gradients, gradient_magnitude_metrics, pair_logp_gradients
+from trl_refpo.research.token_analysis import TokenLevelAnalysisCallback, token_level_analysis
 from trl_refpo.testing import toy_preference_dataset
 
 PAD, A, B_, EOS, C, D = range(6)

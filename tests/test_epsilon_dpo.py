@@ -9,9 +9,10 @@ from conftest import tiny_args
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, TrainerCallback
 
 from trl_refpo import RefPOConfig, RefPOTrainer, losses
-from trl_refpo.perturbation import PerturbationScorer
-from trl_refpo.reference import completion_logps
-from trl_refpo.testing import naive_epsilon_dpo, tiny_bpe_tokenizer, tiny_llama, toy_preference_dataset
+from trl_refpo.heads.perturbation import PerturbationScorer
+from trl_refpo.heads.completion import completion_logps
+from oracles import naive_epsilon_dpo
+from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, toy_preference_dataset
 
 BETA = 0.1
 

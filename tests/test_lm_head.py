@@ -1,4 +1,4 @@
-"""The completion head (trl_refpo.lm_head): the model's own log-softmax on completion positions, nothing else."""
+"""The completion head (trl_refpo.heads.completion): the model's own log-softmax on completion positions, nothing else."""
 
 import copy
 
@@ -7,9 +7,9 @@ import torch
 from test_epsilon_dpo import cohere_with_logit_scale, gemma2_with_softcap
 from trl.trainer.utils import add_fused_lm_head
 
-from trl_refpo import lm_head
-from trl_refpo.diagnostics import frozen_copy
-from trl_refpo.lm_head import add_completion_head, completion_head_outputs
+from trl_refpo.heads import completion as lm_head
+from trl_refpo.research.token_analysis import frozen_copy
+from trl_refpo.heads.completion import add_completion_head, completion_head_outputs
 from trl_refpo.testing import tiny_llama
 
 

@@ -24,9 +24,9 @@ from trl import DPOTrainer as TRLDPOTrainer
 from trl.data_utils import common_prefix_length
 
 from trl_refpo import RefPOConfig, RefPOTrainer
-from trl_refpo.reference import ColumnReference, ModelReference
+from trl_refpo.reference.sources import ColumnReference, ModelReference
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer, toy_preference_dataset
-from trl_refpo.text_reference import TextReference
+from trl_refpo.reference.text import TextReference
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -432,7 +432,7 @@ def test_precompute_cache_hit_runs_no_reference_forward_and_any_key_change_resco
 
 
 def test_cache_key_depends_on_the_scored_content_not_on_datasets_fingerprints():
-    from trl_refpo.ref_cache import dataset_fingerprint
+    from trl_refpo.reference.precompute import dataset_fingerprint
 
     rows = [{"prompt_ids": [1, 2], "chosen_ids": [3, 4], "rejected_ids": [5]}] * 3
     one = Dataset.from_list(rows).map(lambda row: row, new_fingerprint="a" * 16)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_refpo import toys
+from trl_refpo.research import toys
 
 PI_STAR = torch.tensor(toys.INTERPOLATION_PI_STAR, dtype=torch.float64)
 PI_REF = torch.tensor(toys.INTERPOLATION_PI_REF, dtype=torch.float64)

@@ -11,7 +11,7 @@ from trl import DPOTrainer as TRLDPOTrainer
 
 from trl_refpo import RefPOTrainer
 from trl_refpo.testing import tiny_llama, toy_preference_dataset
-from trl_refpo.trl_losses import TRL_PAIR_LOSSES
+from trl_refpo.objectives.trl_losses import TRL_PAIR_LOSSES
 
 TRAINER_KWARGS = dict(max_steps=1)
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from conftest import tiny_args
 
 from trl_refpo import RefPOTrainer, losses
-from trl_refpo.objectives import OBJECTIVES, PairBatch, StepContext
+from trl_refpo.objectives.base import PairBatch, StepContext
+from trl_refpo.objectives.registry import OBJECTIVES
 from trl_refpo.testing import tiny_llama, toy_preference_dataset
 
 B = 7

@@ -9,7 +9,8 @@ from conftest import tiny_args
 from test_epsilon_dpo import moved
 
 from trl_refpo import RefPOTrainer
-from trl_refpo.testing import naive_epsilon_dpo, tiny_llava, toy_vision_preference_dataset
+from oracles import naive_epsilon_dpo
+from trl_refpo.testing import tiny_llava, toy_vision_preference_dataset
 
 BETA = 0.1
 
@@ -104,7 +105,7 @@ def test_typo_supplied_columns_and_precompute_are_refused_on_vision_data(tmp_pat
 
 
 def test_token_level_analysis_refuses_vision_data():
-    from trl_refpo.diagnostics import token_level_analysis
+    from trl_refpo.research.token_analysis import token_level_analysis
 
     model, processor = tiny_llava()
     with pytest.raises(ValueError, match="does not support vision datasets"):

@@ -1,29 +1,24 @@
 """trl-refpo: reference policies and KL control for TRL's DPO trainer.
 
 ``from trl_refpo import DPOConfig, DPOTrainer`` is a drop-in replacement for TRL's classes whose
-``loss_type`` also selects the objectives in :mod:`trl_refpo.losses`.
+``loss_type`` also selects the objectives in :mod:`trl_refpo.objectives.losses`.
 """
 
-from . import controllers, losses
 from .config import RefPOConfig
-from .objectives import OBJECTIVES, Objective, register_objective
+from .objectives import controllers, losses
+from .objectives.base import Objective
+from .objectives.registry import OBJECTIVES, available_loss_types, register_objective
 from .trainer import RefPOTrainer
-from .trl_losses import TRL_LOSS_TYPES
 
 DPOConfig = RefPOConfig
 DPOTrainer = RefPOTrainer
 
 __version__ = "0.1.0"
 
-
-def available_loss_types() -> list[str]:
-    """Every value ``loss_type`` accepts: TRL's built-in types and trl-refpo's."""
-    return sorted(TRL_LOSS_TYPES | set(OBJECTIVES))
-
-
 __all__ = [
     "DPOConfig",
     "DPOTrainer",
+    "OBJECTIVES",
     "Objective",
     "RefPOConfig",
     "RefPOTrainer",

@@ -13,69 +13,21 @@ from typing import Any
 
 from trl import DPOConfig as _TRLDPOConfig
 
-from .controllers import MOMENTS_UPDATES
-from .objectives import OBJECTIVES
-from .trl_losses import TRL_LOSS_TYPES
+from .objectives.base import FieldRange, fraction, non_negative, positive
+from .objectives.registry import OBJECTIVES, available_loss_types, field_owners, field_ranges, needs_reference
+from .objectives.trl_losses import TRL_LOSS_TYPES
+from .reference.rules import refuse_partial_reference, refuse_sync_with_other_tokenizer
 
-
-
-def _positive(value) -> bool:
-    return value > 0
-
-
-def _non_negative(value) -> bool:
-    return value >= 0
-
-
-def _fraction(value) -> bool:
-    return 0 <= value < 1
-
-
-_TYPO_FIELDS = (
-    "typo_lambda", "typo_ref_completion_column", "typo_generate_ref_completions", "typo_generation_temperature",
-    "typo_generation_top_k", "typo_generation_top_p", "typo_generation_max_new_tokens",
-    "typo_generation_repetition_penalty", "typo_generation_batch_size", "typo_generation_cache_dir",
-)
-# Fields of one family of loss types: setting one while none of its loss types is in loss_type is an error.
-FIELD_OWNERS = {
-    "epsilon": ("epsilon_dpo",),
-    "beta_chosen": ("flex_dpo",),
-    "beta_rejected": ("flex_dpo",),
-    "alpha": ("alpha_dpo",),
-    "gamma_beta_ratio": ("alpha_dpo", "simpo"),
-    "ln": ("alpha_dpo", "simpo"),
-    "beta_dpo_alpha": ("beta_dpo",),
-    "beta_dpo_momentum": ("beta_dpo",),
-    "beta_dpo_filter_ratio": ("beta_dpo",),
-    "moments_update": ("alpha_dpo", "beta_dpo"),
-    "moments_bias_correction": ("alpha_dpo", "beta_dpo"),
-    **{name: ("typo",) for name in _TYPO_FIELDS},
+# The ranges of TRL's own numeric fields (those of the trl-refpo loss types are declared by their Objective classes).
+TRL_FIELD_RANGES = {
+    "beta": positive(),
+    "loss_weights": non_negative(">= 0 (one per loss_type)"),
+    "label_smoothing": fraction(),
+    "ld_alpha": FieldRange(lambda value: 0 <= value <= 1, "in [0, 1] (or None)"),
+    "discopop_tau": positive(),
+    "ref_model_mixup_alpha": FieldRange(lambda value: 0 <= value <= 1, "in [0, 1]"),
 }
 
-# The range of every numeric setting (finiteness is checked for all float fields first): name -> (check, wording).
-NUMBER_RANGES = {
-    "beta": (_positive, "> 0"),
-    "beta_chosen": (_positive, "> 0 (or None to use beta)"),
-    "beta_rejected": (_positive, "> 0 (or None to use beta)"),
-    "epsilon": (lambda value: 0 < value < 1, "in (0, 1) (ε-DPO; the paper uses 0.01)"),
-    "alpha": (_non_negative, ">= 0 (α-DPO; alpha=0 is SimPO)"),
-    "gamma_beta_ratio": (_non_negative, ">= 0 (SimPO / α-DPO target margin γ/β)"),
-    "beta_dpo_alpha": (_non_negative, ">= 0 (β-DPO's sensitivity of β to the reward gap)"),
-    "beta_dpo_momentum": (_fraction, "in [0, 1)"),
-    "beta_dpo_filter_ratio": (_fraction, "in [0, 1) (β-DPO's filtering ratio ρ; 0 keeps every pair)"),
-    "typo_lambda": (_non_negative, ">= 0"),
-    "loss_weights": (_non_negative, ">= 0 (one per loss_type)"),
-    "label_smoothing": (_fraction, "in [0, 1)"),
-    "ld_alpha": (lambda value: 0 <= value <= 1, "in [0, 1] (or None)"),
-    "discopop_tau": (_positive, "> 0"),
-    "ref_model_mixup_alpha": (lambda value: 0 <= value <= 1, "in [0, 1]"),
-    "typo_generation_temperature": (_positive, "> 0"),
-    "typo_generation_top_k": (_non_negative, ">= 0"),
-    "typo_generation_top_p": (lambda value: 0 < value <= 1, "in (0, 1]"),
-    "typo_generation_max_new_tokens": (lambda value: value >= 1, ">= 1"),
-    "typo_generation_repetition_penalty": (_positive, "> 0"),
-    "typo_generation_batch_size": (lambda value: value >= 1, ">= 1 (or None)"),
-}
 
 @dataclass
 class RefPOConfig(_TRLDPOConfig):
@@ -171,7 +123,7 @@ class RefPOConfig(_TRLDPOConfig):
         default=None, metadata={"help": "TYPO: cache directory of generated reference completions."}
     )
 
-    # ---- reference sources (trl_refpo.reference_setup) ----
+    # ---- reference sources (trl_refpo.reference.setup) ----
     ref_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Reference checkpoint to load instead of the initial policy."}
     )
@@ -211,20 +163,16 @@ class RefPOConfig(_TRLDPOConfig):
     @property
     def needs_reference(self) -> bool:
         """Whether the loss reads reference log-probs (TRL's own loss code always does)."""
-        return self.uses_trl_loss_code or any(
-            OBJECTIVES[name].needs_reference if name in OBJECTIVES else name != "sft" for name in self.loss_type
-        )
+        return self.uses_trl_loss_code or any(needs_reference(name) for name in self.loss_type)
 
     def _validate(self) -> None:
-        valid = sorted(TRL_LOSS_TYPES | set(OBJECTIVES))
+        valid = available_loss_types()
         unknown = [name for name in self.loss_type if name not in valid]
         if unknown:
             raise ValueError(f"Unknown loss_type {unknown}. Valid loss types: {valid}.")
         if not self.loss_type:
             raise ValueError(f"loss_type is empty. Choose at least one of: {valid}.")
         self._validate_numbers()
-        if self.moments_update not in MOMENTS_UPDATES:
-            raise ValueError(f"moments_update must be one of {list(MOMENTS_UPDATES)}, got {self.moments_update!r}.")
         self._validate_fields_apply()
         if self.plugin_loss_types:
             # TRL applies these only inside its own loss code; their meaning for trl-refpo types is undefined.
@@ -254,18 +202,22 @@ class RefPOConfig(_TRLDPOConfig):
                     f"label_smoothing must be in [0, 0.5) with trl-refpo loss types (the probability that a preference "
                     f"label is flipped), got {self.label_smoothing}."
                 )
-        if "typo" in self.loss_type:
-            self._validate_typo()
+        for name in dict.fromkeys(self.plugin_loss_types):
+            OBJECTIVES[name].validate(self)
         if "exo_pair" in self.loss_type and self.label_smoothing == 0.0:
             raise ValueError("loss_type 'exo_pair' needs label_smoothing > 0 (the EXO paper uses 1e-3).")
         self._validate_reference_source()
-        if "epsilon_dpo" in self.loss_type:
-            self._validate_epsilon_dpo()
+        refuse_partial_reference(
+            [name for name in self.plugin_loss_types if OBJECTIVES[name].needs_reference_distribution],
+            precomputed=self.precompute_ref_log_probs,
+            prior=self.ref_prompt == "none",
+            other_tokenizer=self.ref_tokenizer_name_or_path is not None,
+        )
 
     def _validate_fields_apply(self) -> None:
         """A field set to a non-default value must be read by some loss type of the run: none is ignored silently."""
         defaults = {item.name: item.default for item in fields(self)}
-        for name, owners in FIELD_OWNERS.items():
+        for name, owners in field_owners().items():
             if name in defaults and getattr(self, name) != defaults[name] and not set(owners) & set(self.loss_type):
                 raise ValueError(
                     f"{name}={getattr(self, name)!r} is used only by loss_type {list(owners)}, which loss_type "
@@ -286,11 +238,11 @@ class RefPOConfig(_TRLDPOConfig):
             values = value if isinstance(value, (list, tuple)) else [value]
             if any(isinstance(item, float) and not math.isfinite(item) for item in values):
                 raise ValueError(f"{name} must be a finite number, got {value}.")
-        for name, (is_valid, expected) in NUMBER_RANGES.items():
+        for name, valid in {**TRL_FIELD_RANGES, **field_ranges()}.items():
             value = getattr(self, name, None)
             values = value if isinstance(value, (list, tuple)) else [value]
-            if value is not None and not all(is_valid(item) for item in values):
-                raise ValueError(f"{name} must be {expected}, got {value}.")
+            if value is not None and not all(valid.is_valid(item) for item in values):
+                raise ValueError(f"{name} must be {valid.expected}, got {value!r}.")
 
     def _validate_reference_source(self) -> None:
         if self.ref_prompt is None:
@@ -329,35 +281,4 @@ class RefPOConfig(_TRLDPOConfig):
                 "ref_logps_cache_dir caches PRECOMPUTED reference log-probs: set precompute_ref_log_probs=True, or "
                 "unset ref_logps_cache_dir."
             )
-        if self.sync_ref_model and (self.ref_tokenizer_name_or_path is not None):
-            raise ValueError(
-                "sync_ref_model=True copies the policy's weights into the reference, which a reference with a "
-                "different tokenizer (ref_tokenizer_name_or_path) cannot take. Set sync_ref_model=False."
-            )
-
-    def _validate_epsilon_dpo(self) -> None:
-        why = (
-            "epsilon_dpo needs the reference model's full next-token distribution at every completion position "
-            "(to score the perturbed policies), not only summed reference log-probs"
-        )
-        if self.precompute_ref_log_probs:
-            raise ValueError(f"{why}, so it cannot use precompute_ref_log_probs=True. Set it to False.")
-        if self.ref_prompt == "none":
-            raise ValueError(
-                f"{why} given the same prompt as the policy, so it cannot use the prior reference (ref_prompt='none')."
-            )
-        if self.ref_tokenizer_name_or_path is not None:
-            raise ValueError(
-                f"{why} over the policy's vocabulary, so it cannot use a reference with a different tokenizer "
-                "(ref_tokenizer_name_or_path). Use a reference that shares the policy's tokenizer."
-            )
-
-    def _validate_typo(self) -> None:
-        from .ref_completions import RESERVED_COLUMNS, ids_column
-
-        column = self.typo_ref_completion_column
-        taken = [*RESERVED_COLUMNS, "prompt_ids", "chosen_ids", "rejected_ids"]
-        if not column or column in taken or ids_column(column) in taken:
-            raise ValueError(
-                f"typo_ref_completion_column={column!r} clashes with a column TRL uses ({taken}). Rename the column."
-            )
+        refuse_sync_with_other_tokenizer(self.sync_ref_model, self.ref_tokenizer_name_or_path is not None)

@@ -24,11 +24,14 @@ from trl.trainer import dpo_trainer as _trl_dpo_module
 from .config import RefPOConfig
 from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator, report_dropped_rows, require_rows
 from .diagnostics import logp_gradient_metrics
-from .objectives import PairBatch, StepContext, build_objectives
-from .perturbation import PerturbationScorer, require_full_distribution_reference
-from .ref_cache import precompute_reference_logps
-from .reference import ColumnReference, ModelReference, completion_logps, model_inputs
-from .reference_setup import is_vision_example, setup_reference
+from .heads.completion import completion_logps, model_inputs
+from .heads.perturbation import PerturbationScorer
+from .objectives.base import PairBatch, ReferenceSampler, StepContext
+from .objectives.registry import build_objectives
+from .reference.handle import is_zero3, scoring_handle
+from .reference.precompute import precompute_reference_logps
+from .reference.setup import is_vision_example, setup_reference
+from .reference.sources import ColumnReference
 
 STATE_FILE = "trl_refpo_state.json"
 
@@ -125,15 +128,15 @@ class RefPOTrainer(_TRLDPOTrainer):
         require_rows(train_dataset, "train")
         self.objectives = build_objectives(args)
         given_ref_model = ref_model  # TYPO may sample from it before training even when it is not kept
+        needs_perturbation = [objective.name for objective in self.objectives if objective.needs_reference_distribution]
         reference = setup_reference(
-            model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
+            model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config,
+            samples_from_reference=any(objective.samples_from_reference(args) for objective in self.objectives),
+            full_distribution_for=needs_perturbation,
         )
         ref_model, processing_class = reference.ref_model, reference.processing_class
         # The source that scores (online, or once with precompute_ref_log_probs) and the one training reads.
         self.ref_scoring_source = self.reference_source = reference.source
-        needs_perturbation = any(objective.needs_perturbation for objective in self.objectives)
-        if needs_perturbation:
-            require_full_distribution_reference(reference.source)
         if args.precompute_ref_log_probs and reference.source.needs_model:
             self.reference_source = ColumnReference()
         # TRL's own loss code is used, unchanged, when every loss type is TRL's and the reference is TRL's.
@@ -174,7 +177,9 @@ class RefPOTrainer(_TRLDPOTrainer):
         if self.uses_pipeline:
             self._prepare_datasets_with_reference(given_ref_model)
         self.add_callback(_ControllerCallback(self))
-        self.perturbation = PerturbationScorer.for_trainer(self) if needs_perturbation else None
+        self.perturbation = None
+        if needs_perturbation:  # with PEFT and no ref_model the reference is the policy, adapter disabled
+            self.perturbation = PerturbationScorer(self.model, self.ref_model if self.ref_model is not None else self.model)
         self._captured_policy_logps = None
         if not self.uses_pipeline:
             self.model.register_forward_hook(self._capture_policy_logps)
@@ -198,26 +203,24 @@ class RefPOTrainer(_TRLDPOTrainer):
         """
         reference_model, context = given_ref_model, contextlib.nullcontext()
         if reference_model is None and is_peft_model(self.model):
-            reference_model, context = ModelReference.reference_context(self)
+            handle = scoring_handle(self)
+            reference_model, context = handle.model, handle.adapter_context()
         elif reference_model is None:
             reference_model = self.model  # not trained yet
+        sampler = ReferenceSampler(reference_model, self.processing_class, self.accelerator, zero3=is_zero3(self))
         with context:
-            self._add_reference_columns(reference_model)
+            self._add_reference_columns(sampler)
 
-    def _add_reference_columns(self, reference_model):
+    def _add_reference_columns(self, sampler: ReferenceSampler):
         for objective in self.objectives:
-            self.train_dataset = objective.prepare_dataset_with_reference(
-                self.train_dataset, "train", self, reference_model
-            )
+            self.train_dataset = objective.prepare_dataset_with_reference(self.train_dataset, "train", sampler)
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {
-                    name: objective.prepare_dataset_with_reference(dataset, name, self, reference_model)
+                    name: objective.prepare_dataset_with_reference(dataset, name, sampler)
                     for name, dataset in self.eval_dataset.items()
                 }
             elif self.eval_dataset is not None:
-                self.eval_dataset = objective.prepare_dataset_with_reference(
-                    self.eval_dataset, "eval", self, reference_model
-                )
+                self.eval_dataset = objective.prepare_dataset_with_reference(self.eval_dataset, "eval", sampler)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -225,7 +228,11 @@ class RefPOTrainer(_TRLDPOTrainer):
         self._signature_columns = list(dict.fromkeys([*self._signature_columns, *extra]))
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        return precompute_reference_logps(self, dataset, name, batch_size)
+        return precompute_reference_logps(
+            self.ref_scoring_source, dataset, name, batch_size, self.args,
+            handle=lambda: scoring_handle(self, before_training=True),
+            trl_scoring=None if self.uses_pipeline else self.compute_ref_log_probs,
+        )
 
     def _prepare_inputs(self, inputs):
         # Under DeepSpeed the HF Trainer casts every float tensor of the batch to the engine's dtype (bf16): reference
@@ -328,7 +335,7 @@ class RefPOTrainer(_TRLDPOTrainer):
         shift_mask = completion_mask[:, 1:]
         lengths = shift_mask.sum(dim=1).float()
         with self._captured_hidden_states("reference"):
-            reference = self.reference_source(self, inputs, num_pairs)
+            reference = self.reference_source(scoring_handle(self), inputs, num_pairs)
         groups = row_logps.split(num_pairs)  # [chosen, rejected, *extra completion columns]
         pairs = PairBatch(
             chosen_logps=groups[0],

@@ -14,7 +14,7 @@
 # 1. **Token-level log-probability difference** (*Understanding Reference Policies in DPO*, §4.3, Fig. 1–3): after
 #    DPO, per vocabulary token, the mean of `log π_θ − log π_ref` over its occurrences in the completions; the most
 #    down-weighted tokens; the EOS token's log-prob and its chosen-minus-rejected difference.
-#    `trl_refpo.diagnostics.token_level_analysis`, and `TokenLevelAnalysisCallback` to run it at every evaluation.
+#    `trl_refpo.research.token_analysis.token_level_analysis`, and `TokenLevelAnalysisCallback` to run it at every evaluation.
 # 2. **Gradient magnitudes** (*3D-properties of DPO*, §3): per step, `|∂loss/∂lp(y_w)|`, `|∂loss/∂lp(y_l)|` and their
 #    ratio, logged by the trainer as `grad/chosen_abs`, `grad/rejected_abs`, `grad/ratio` for every trl-refpo loss
 #    type. Flex-DPO (`flex_dpo`, separate `beta_chosen` β⁺ and `beta_rejected` β⁻) changes that ratio to β⁻/β⁺ at
@@ -46,7 +46,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, load_model, logged, output_path, save_figure, train_copy
-from trl_refpo.diagnostics import TokenLevelAnalysisCallback, token_level_analysis
+from trl_refpo.research.token_analysis import TokenLevelAnalysisCallback, token_level_analysis
 
 model, tokenizer = load_model(MODEL)
 _, _, train_dataset, eval_dataset = constraint_data(NUM_TRAIN, NUM_EVAL)

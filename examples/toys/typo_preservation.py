@@ -19,7 +19,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from trl_refpo import toys  # noqa: E402
+from trl_refpo.research import toys  # noqa: E402
 
 
 def main():

@@ -8,7 +8,7 @@ from typing import Any
 from trl import ModelConfig
 
 from ..config import RefPOConfig
-from ..objectives import OBJECTIVES
+from ..objectives.registry import reference_free_equivalent, reference_free_types
 from .errors import RecipeError
 
 LEGACY_KEYS = (
@@ -124,18 +124,16 @@ def _differs(a, b) -> bool:
 
 
 def _reference_free(loss_type: list[str]) -> list[str]:
-    free_types = sorted(name for name, cls in OBJECTIVES.items() if not cls.needs_reference)
     mapped = []
     for name in loss_type:
-        if name == "sigmoid":
-            mapped.append("probability")
-        elif name == "sft" or (name in OBJECTIVES and not OBJECTIVES[name].needs_reference):
-            mapped.append(name)
-        else:
+        equivalent = reference_free_equivalent(name)
+        if equivalent is None:
             raise RecipeError(
                 f"reference_free: true has no trl-refpo equivalent for loss_type {name!r}. Remove reference_free and "
-                f"choose a reference-free loss_type: {free_types} ('probability' is reference-free sigmoid DPO)."
+                f"choose a reference-free loss_type: {reference_free_types()} ('probability' is reference-free sigmoid "
+                "DPO)."
             )
+        mapped.append(equivalent)
     return mapped
 
 

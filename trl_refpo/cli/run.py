@@ -11,8 +11,8 @@ from pathlib import Path
 
 from trl import DPOTrainer as _TRLDPOTrainer
 
-from ..offline_models import resolve_model_path
-from ..text_reference import TextReference
+from ..reference.text import TextReference
+from ..research.offline_models import resolve_model_path
 from ..trainer import RefPOTrainer
 from .checks import check_model_path, check_required_packages, check_tokenizer_path
 from .datasets import check_preference_columns, load_recipe_dataset
@@ -110,10 +110,15 @@ def build_trainer(parsed: ParsedRecipe) -> RefPOTrainer:
         raise RecipeError("model_name_or_path is not set (recipe key or --model_name_or_path).")
     trust_remote_code = training_args.trust_remote_code
     model_path = check_model_path(model_args.model_name_or_path, model_args.model_revision, trust_remote_code)
+    # offline:<name> resolves to its folder here: the trainer and the reference setup take folders and hub ids only.
     if training_args.ref_model_name_or_path is not None:
-        check_model_path(training_args.ref_model_name_or_path, None, trust_remote_code, key="ref_model_name_or_path")
+        training_args.ref_model_name_or_path = check_model_path(
+            training_args.ref_model_name_or_path, None, trust_remote_code, key="ref_model_name_or_path"
+        )
     if training_args.ref_tokenizer_name_or_path is not None:
-        check_tokenizer_path(training_args.ref_tokenizer_name_or_path, trust_remote_code, "ref_tokenizer_name_or_path")
+        training_args.ref_tokenizer_name_or_path = check_tokenizer_path(
+            training_args.ref_tokenizer_name_or_path, trust_remote_code, "ref_tokenizer_name_or_path"
+        )
     if script_args.tokenizer_name_or_path is not None:
         check_tokenizer_path(script_args.tokenizer_name_or_path, trust_remote_code)
     dataset = load_recipe_dataset(script_args, parsed.dataset_args)

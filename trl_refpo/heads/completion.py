@@ -1,5 +1,8 @@
 """Completion-token log-probs through the LM head: only completion positions, in bounded tiles.
 
+:func:`completion_logps` is what the policy forward and every model reference call: per-row sums of a batch's
+completion-token log-probs (and, on request, the per-token values, entropy and TRL's logit metrics).
+
 TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``) never builds the ``(B, T, V)`` logits, but on
 devices without Triton (CPU included) it projects EVERY position of the batch — prompt and padding too — in
 ``4096 × 32768`` tiles, and folds each tile with several tile-sized temporaries (its policy head also computes
@@ -151,3 +154,32 @@ def completion_head_outputs(
     return model(
         input_ids=input_ids, attention_mask=attention_mask, labels=labels, completion_head=outputs, **model_kwargs
     )
+
+
+#: Batch keys that are token rows or reference-side columns; every other key is a model input (a vision batch's
+#: ``pixel_values``, ``image_sizes``, ``token_type_ids``, …), passed to ``model.forward`` as TRL passes it.
+ROW_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask"})
+
+
+def model_inputs(inputs: dict) -> dict:
+    """The batch's model inputs besides ``input_ids`` / ``attention_mask`` (empty for a text batch)."""
+    return {key: value for key, value in inputs.items() if key not in ROW_KEYS and not key.startswith("ref_")}
+
+
+def completion_logps(
+    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, entropy: bool = False,
+    metrics: bool = False, **model_kwargs,
+) -> tuple[Tensor, Tensor, FusedCausalLMOutput]:
+    """Per-row sums of completion-token log-probs, the per-token values, and the head's outputs.
+
+    Returns ``(row_logps (R,), per_token_logps (R, T-1), outputs)``; ``per_token_logps`` is 0 outside the
+    completion; ``outputs.entropy`` is set when ``entropy`` is true, ``outputs.mean_logits`` / ``is_top1`` when
+    ``metrics`` is. Only completion positions are projected through the LM head. ``model_kwargs`` (images,
+    ``output_router_logits``) go to the model's forward.
+    """
+    labels = input_ids.masked_fill(completion_mask == 0, -100)
+    outputs = completion_head_outputs(
+        model, input_ids, attention_mask, labels, entropy=entropy, metrics=metrics, **model_kwargs
+    )
+    per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
+    return per_token.sum(dim=1), per_token, outputs

@@ -3,7 +3,7 @@
 ε-DPO compares the chosen-minus-rejected log-ratio ``s`` of the policy with the same quantity under two
 mixtures of policy and reference logits, ``h⁻ = h_θ + ε·(h_θ − h_ref)`` (weaker KL) and
 ``h⁺ = h_θ − ε·(h_θ − h_ref)`` (stronger KL). Both need the full next-token distributions of policy and
-reference. The LM head DPO's forwards run through (:mod:`trl_refpo.lm_head`) returns only per-token log-probs,
+reference. The LM head DPO's forwards run through (:mod:`trl_refpo.heads.completion`) returns only per-token log-probs,
 so :class:`PerturbationScorer` captures the backbones' last hidden states during those forwards (a forward
 hook, no extra model forward) and re-projects them through the two LM heads under ``no_grad``, a chunk of
 completion positions at a time: the extra memory is O(chunk × V). The head's logit scale and softcap are
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-from .lm_head import LogitTransform, causal_lm_of
+from .completion import LogitTransform, causal_lm_of
 
 #: Elements of one ``(positions, V)`` fp32 logit block; three such blocks are alive at a time (48 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
@@ -50,26 +50,6 @@ def vocab_size(model) -> int:
     return _Head.of(model).vocab_size
 
 
-def require_full_distribution_reference(source) -> None:
-    """ε-DPO needs a reference model that scores the policy's own token ids over the same vocabulary."""
-    from .reference import ColumnReference, NoReference
-
-    why = "epsilon_dpo needs the reference model's full next-token distribution at every completion position"
-    if isinstance(source, ColumnReference):
-        raise ValueError(
-            f"{why}, but the dataset supplies reference log-prob columns (ref_chosen_logps / ref_rejected_logps), "
-            "which hold only their sums. Drop those columns so a reference model scores the batch."
-        )
-    if isinstance(source, NoReference):
-        raise ValueError(f"{why}, but this setup has no reference model.")
-    if not source.scores_policy_token_ids:
-        raise ValueError(
-            f"{why} over the policy's vocabulary, for the same prompt; a reference that re-tokenises the text (a "
-            "different ref_tokenizer, or ref_prompt='none') cannot give it. Use a reference sharing the policy's "
-            "tokenizer, with ref_prompt='full'."
-        )
-
-
 class PerturbationScorer:
     """Captures policy and reference hidden states during DPO's forwards, then scores ε-DPO's mixtures.
 
@@ -96,11 +76,6 @@ class PerturbationScorer:
             )
         self.block_elements = int(block_elements)
         self._hidden: dict[str, Tensor] = {}
-
-    @classmethod
-    def for_trainer(cls, trainer, **kwargs) -> PerturbationScorer:
-        reference = trainer.ref_model if trainer.ref_model is not None else trainer.model  # PEFT: adapter disabled
-        return cls(trainer.model, reference, **kwargs)
 
     @contextlib.contextmanager
     def capture(self, role: str):

@@ -1,104 +1,42 @@
-"""The ``loss_type`` registry: each entry binds a pure loss from :mod:`trl_refpo.losses` to its config
-fields and, where the paper needs one, to a controller from :mod:`trl_refpo.controllers`.
-
-The trainer sees only the :class:`Objective` interface: it builds one :class:`PairBatch` per
-micro-batch (policy log-probs, reference log-probs from whichever reference source is configured),
-calls every objective of the ``loss_type`` list on it and sums ``weight × mean(loss)``. Adding a loss
-type means adding one small class here; the trainer has no per-loss branches.
+"""trl-refpo's loss types: each binds a pure loss from :mod:`trl_refpo.objectives.losses` to the config fields it
+owns (with their ranges), its reference needs and, where the paper needs one, a controller from
+:mod:`trl_refpo.objectives.controllers`. :mod:`trl_refpo.objectives.registry` maps ``loss_type`` names to them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import ClassVar
 
 from torch import Tensor
 
-from . import losses, ref_completions
-from .controllers import BetaDPOController, Controller, EpsilonBetaController, RunningMoments
-from .trl_losses import TRL_PAIR_LOSSES
+from . import losses
+from .base import FieldRange, Objective, ObjectiveOutput, PairBatch, fraction, non_negative, positive
+from .controllers import MOMENTS_UPDATES, BetaDPOController, EpsilonBetaController, RunningMoments
+from .trl_losses import TRL_PAIR_LOSSES, trl_type_needs_reference
+from .typo_completions import RESERVED_COLUMNS, ReferenceCompletions, ids_column
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass
-class PairBatch:
-    """Per-pair quantities of one micro-batch; every tensor is ``(B,)`` unless noted."""
-
-    chosen_logps: Tensor
-    rejected_logps: Tensor
-    chosen_lengths: Tensor
-    rejected_lengths: Tensor
-    chosen_token_logps: Tensor  # (B, T) per-token log-probs of the chosen rows (0 outside the completion)
-    chosen_token_mask: Tensor  # (B, T)
-    ref_chosen_logps: Tensor | None = None
-    ref_rejected_logps: Tensor | None = None
-    ref_chosen_lengths: Tensor | None = None  # the reference's own completion token counts
-    ref_rejected_lengths: Tensor | None = None
-    extra_logps: dict[str, Tensor] = field(default_factory=dict)  # e.g. TYPO's reference sample
-    perturbed_logratios: dict[str, Tensor] = field(default_factory=dict)  # ε-DPO: "weaker_kl", "stronger_kl"
-
-    @property
-    def has_reference(self) -> bool:
-        return self.ref_chosen_logps is not None
-
-    def reference(self) -> tuple[Tensor, Tensor]:
-        if self.ref_chosen_logps is None:
-            raise RuntimeError("This loss type needs reference log-probs but none were computed.")
-        return self.ref_chosen_logps, self.ref_rejected_logps
-
-
-@dataclass
-class StepContext:
-    training: bool
-    gather: Callable[[Tensor], Tensor]  # concatenates a tensor over all processes, in process order
-    process_index: int = 0  # this process's block in what ``gather`` returns
-
-
-@dataclass
-class ObjectiveOutput:
-    losses: Tensor  # (B,)
-    chosen_rewards: Tensor | None  # (B,) implicit rewards for logging; None for terms without one (sft)
-    rejected_rewards: Tensor | None
-    metrics: dict[str, float] = field(default_factory=dict)  # already global (same on all processes)
-
-
-class Objective:
-    """One ``loss_type``. Subclasses set the class attributes and implement :meth:`__call__`."""
-
-    name: ClassVar[str]
-    needs_reference: ClassVar[bool] = True
-    needs_perturbation: ClassVar[bool] = False  # ε-DPO: perturbed log-ratios from hidden states
-    supports_label_smoothing: ClassVar[bool] = False  # the authors' code applies conservative label smoothing
-    samples_from_reference: bool = False  # uses the reference model before training (TYPO's generation)
-    controller: Controller | None = None
-
-    def __init__(self, args):
-        self.args = args
-
-    def extra_completion_columns(self) -> tuple[str, ...]:
-        """Token-id columns of extra completions scored in the same policy forward (TYPO).
-
-        Their per-pair log-probs arrive in ``PairBatch.extra_logps[column]``.
-        """
-        return ()
-
-    def prepare_dataset(self, dataset, processing_class, args, dataset_name: str):
-        """Add the columns this objective needs to TRL's tokenised dataset (default: none)."""
-        return dataset
-
-    def prepare_dataset_with_reference(self, dataset, dataset_name: str, trainer, reference_model):
-        """Complete a dataset with what only the reference model can give (TYPO: completions sampled from it).
-
-        Called once per dataset at the end of the trainer's construction, before any training step, with
-        ``reference_model`` = the ``ref_model`` passed to the trainer or else the (still untrained) policy.
-        """
-        return dataset
-
-    def __call__(self, pairs: PairBatch, ctx: StepContext) -> ObjectiveOutput:
-        raise NotImplementedError
+LENGTH_NORMALISATION_FIELDS = {
+    "gamma_beta_ratio": non_negative(">= 0 (SimPO / α-DPO target margin γ/β)"),
+    "ln": None,
+}
+RUNNING_MOMENTS_FIELDS = {
+    "moments_update": FieldRange(lambda value: value in MOMENTS_UPDATES, f"one of {list(MOMENTS_UPDATES)}"),
+    "moments_bias_correction": None,
+}
+TYPO_FIELDS = {
+    "typo_lambda": non_negative(),
+    "typo_ref_completion_column": None,
+    "typo_generate_ref_completions": None,
+    "typo_generation_temperature": positive(),
+    "typo_generation_top_k": non_negative(),
+    "typo_generation_top_p": FieldRange(lambda value: 0 < value <= 1, "in (0, 1]"),
+    "typo_generation_max_new_tokens": FieldRange(lambda value: value >= 1, ">= 1"),
+    "typo_generation_repetition_penalty": positive(),
+    "typo_generation_batch_size": FieldRange(lambda value: value >= 1, ">= 1 (or None)"),
+    "typo_generation_cache_dir": None,
+}
 
 
 def _logratio_rewards(pairs: PairBatch, beta_chosen, beta_rejected) -> tuple[Tensor, Tensor]:
@@ -115,7 +53,7 @@ class TRLBuiltin(Objective):
     def __init__(self, args, name: str):
         super().__init__(args)
         self.name = name
-        self.needs_reference = name != "sft"
+        self.needs_reference = trl_type_needs_reference(name)
 
     def __call__(self, pairs: PairBatch, ctx: StepContext) -> ObjectiveOutput:
         beta = self.args.beta
@@ -140,7 +78,13 @@ class TRLBuiltin(Objective):
 
 
 class FlexDPO(Objective):
+    """Flex-DPO (3D-properties paper, docs/algorithms.md §3): β⁺ on the chosen and β⁻ on the rejected log-ratio."""
+
     name = "flex_dpo"
+    fields = {
+        "beta_chosen": positive("> 0 (or None to use beta)"),
+        "beta_rejected": positive("> 0 (or None to use beta)"),
+    }
 
     def __call__(self, pairs, ctx):
         beta_chosen = self.args.beta_chosen if self.args.beta_chosen is not None else self.args.beta
@@ -155,6 +99,8 @@ class FlexDPO(Objective):
 class _LengthNormalised(Objective):
     """Shared by SimPO and α-DPO: ``ln(y) = lp(y)/n(y)`` when ``args.ln`` (each side with its own counts)."""
 
+    fields = LENGTH_NORMALISATION_FIELDS
+
     def _normalise(self, logps: Tensor, lengths: Tensor | None) -> Tensor:
         if not self.args.ln:
             return logps
@@ -167,6 +113,8 @@ class _LengthNormalised(Objective):
 
 
 class SimPO(_LengthNormalised):
+    """SimPO (Meng et al., 2024): α-DPO with α = 0, no reference (docs/algorithms.md §4)."""
+
     name = "simpo"
     needs_reference = False
     supports_label_smoothing = True
@@ -179,12 +127,22 @@ class SimPO(_LengthNormalised):
 
 
 class AlphaDPO(_LengthNormalised):
+    """α-DPO (Wu et al., 2025, docs/algorithms.md §4): SimPO's margin plus α·z, z the gap u − r normalised by its
+    running μ, σ (:class:`~trl_refpo.objectives.controllers.RunningMoments`), as the authors' code computes it."""
+
     name = "alpha_dpo"
+    fields = {
+        **LENGTH_NORMALISATION_FIELDS,
+        **RUNNING_MOMENTS_FIELDS,
+        "alpha": non_negative(">= 0 (α-DPO; alpha=0 is SimPO)"),
+    }
     supports_label_smoothing = True
 
     def __init__(self, args):
         super().__init__(args)
-        self.controller = running_moments(RunningMoments, args, self.name, momentum=0.9)
+        self.controller = running_moments(
+            RunningMoments, args, self.name, momentum=0.9, constant_sigma="z is 0 and α-DPO trains as SimPO"
+        )
 
     def __call__(self, pairs, ctx):
         chosen, rejected = self.policy_terms(pairs)
@@ -212,8 +170,11 @@ class AlphaDPO(_LengthNormalised):
 
 
 class Probability(Objective):
+    """Reference Policies paper Eq. 10: DPO's Bradley–Terry loss on ``β·lp_θ`` itself, without a reference."""
+
     name = "probability"
     needs_reference = False
+    reference_free_variant_of = "sigmoid"
 
     def __call__(self, pairs, ctx):
         beta = self.args.beta
@@ -228,11 +189,12 @@ class EpsilonDPO(Objective):
     ``−log σ(β_i·Δ_i)``. The baseline β moves once per optimizer step (:class:`EpsilonBetaController`).
 
     The trainer fills ``PairBatch.perturbed_logratios`` (``policy``, ``weaker_kl``, ``stronger_kl``) from the
-    hidden states of the policy and reference forwards (:mod:`trl_refpo.perturbation`).
+    hidden states of the policy and reference forwards (:mod:`trl_refpo.heads.perturbation`).
     """
 
     name = "epsilon_dpo"
-    needs_perturbation = True
+    fields = {"epsilon": FieldRange(lambda value: 0 < value < 1, "in (0, 1) (ε-DPO; the paper uses 0.01)")}
+    needs_reference_distribution = True
 
     def __init__(self, args):
         super().__init__(args)
@@ -289,10 +251,19 @@ class BetaDPO(Objective):
     """
 
     name = "beta_dpo"
+    fields = {
+        **RUNNING_MOMENTS_FIELDS,
+        "beta_dpo_alpha": non_negative(">= 0 (β-DPO's sensitivity of β to the reward gap)"),
+        "beta_dpo_momentum": fraction(),
+        "beta_dpo_filter_ratio": fraction("in [0, 1) (β-DPO's filtering ratio ρ; 0 keeps every pair)"),
+    }
 
     def __init__(self, args):
         super().__init__(args)
-        self.controller = running_moments(BetaDPOController, args, self.name, momentum=args.beta_dpo_momentum)
+        self.controller = running_moments(
+            BetaDPOController, args, self.name, momentum=args.beta_dpo_momentum,
+            constant_sigma="the data filter weighs every pair alike",
+        )
 
     def __call__(self, pairs, ctx):
         beta0 = self.args.beta
@@ -331,17 +302,30 @@ class Typo(Objective):
     the reference.
 
     ``y_ref`` comes from the column ``typo_ref_completion_column`` or is sampled once from the reference
-    before training (:class:`~trl_refpo.ref_completions.ReferenceCompletions`). Its tokens are extra rows of
+    before training (:class:`~trl_refpo.objectives.typo_completions.ReferenceCompletions`). Its tokens are extra rows of
     the same policy forward; no reference log-probs are needed, so no reference model is kept in training.
     """
 
     name = "typo"
+    fields = TYPO_FIELDS
     needs_reference = False
 
     def __init__(self, args):
         super().__init__(args)
-        self.completions = ref_completions.ReferenceCompletions(args)
-        self.samples_from_reference = self.completions.generate
+        self.completions = ReferenceCompletions(args)
+
+    @classmethod
+    def samples_from_reference(cls, args) -> bool:
+        return bool(args.typo_generate_ref_completions)
+
+    @classmethod
+    def validate(cls, args) -> None:
+        column = args.typo_ref_completion_column
+        taken = [*RESERVED_COLUMNS, "prompt_ids", "chosen_ids", "rejected_ids"]
+        if not column or column in taken or ids_column(column) in taken:
+            raise ValueError(
+                f"typo_ref_completion_column={column!r} clashes with a column TRL uses ({taken}). Rename the column."
+            )
 
     def extra_completion_columns(self):
         return (self.completions.ids_column,)
@@ -349,8 +333,8 @@ class Typo(Objective):
     def prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return self.completions.prepare_dataset(dataset, processing_class, args, dataset_name)
 
-    def prepare_dataset_with_reference(self, dataset, dataset_name, trainer, reference_model):
-        return self.completions.prepare_dataset_with_reference(dataset, dataset_name, trainer, reference_model)
+    def prepare_dataset_with_reference(self, dataset, dataset_name, sampler):
+        return self.completions.prepare_dataset_with_reference(dataset, dataset_name, sampler)
 
     def __call__(self, pairs, ctx):
         ref_sample_logps = pairs.extra_logps[self.completions.ids_column]
@@ -360,38 +344,18 @@ class Typo(Objective):
         return ObjectiveOutput(per_pair, pairs.chosen_logps.detach(), pairs.rejected_logps.detach(), metrics)
 
 
-def running_moments(cls: type[RunningMoments], args, loss_name: str, momentum: float) -> RunningMoments:
+def running_moments(
+    cls: type[RunningMoments], args, loss_name: str, momentum: float, constant_sigma: str
+) -> RunningMoments:
     """The μ/σ controller of α-DPO / β-DPO as configured; warns when no update can see two pairs (σ stays 0)."""
     pairs_per_update = args.per_device_train_batch_size * args.world_size
     if args.moments_update == "optimizer_step":
         pairs_per_update *= args.gradient_accumulation_steps
     if pairs_per_update < 2:
-        consequence = {
-            "alpha_dpo": "z is 0 and α-DPO trains as SimPO",
-            "beta_dpo": "the data filter weighs every pair alike",
-        }[loss_name]
         logger.warning(
             f"{loss_name}: each update of its running σ sees {pairs_per_update} pair (moments_update="
             f"{args.moments_update!r}, per_device_train_batch_size={args.per_device_train_batch_size}, "
-            f"{args.world_size} process(es)), so σ stays 0 and {consequence}. Use a larger "
+            f"{args.world_size} process(es)), so σ stays 0 and {constant_sigma}. Use a larger "
             "per_device_train_batch_size, or moments_update='optimizer_step' with gradient_accumulation_steps >= 2."
         )
     return cls(momentum=momentum, update_every=args.moments_update, bias_correction=args.moments_bias_correction)
-
-
-OBJECTIVES: dict[str, type[Objective]] = {
-    cls.name: cls for cls in (EpsilonDPO, FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO, Typo)
-}
-"""trl-refpo's own loss types. Other modules register theirs with :func:`register_objective`."""
-
-
-def register_objective(cls: type[Objective]) -> type[Objective]:
-    OBJECTIVES[cls.name] = cls
-    return cls
-
-
-def build_objectives(args) -> list[Objective]:
-    built = []
-    for name in args.loss_type:
-        built.append(OBJECTIVES[name](args) if name in OBJECTIVES else TRLBuiltin(args, name))
-    return built

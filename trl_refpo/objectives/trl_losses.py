@@ -107,6 +107,12 @@ TRL_PAIR_LOSSES = {
     "discopop": discopop,
     "sigmoid_norm": sigmoid_norm,
 }
-"""TRL's pairwise loss types; ``sft`` is :func:`trl_refpo.losses.sft_loss`."""
+"""TRL's pairwise loss types; ``sft`` is :func:`trl_refpo.objectives.losses.sft_loss`."""
 
 TRL_LOSS_TYPES = frozenset(TRL_PAIR_LOSSES) | {"sft"}
+TRL_REFERENCE_FREE = frozenset({"sft"})
+
+
+def trl_type_needs_reference(name: str) -> bool:
+    """TRL's rule: every built-in type but ``sft`` reads reference log-probs."""
+    return name not in TRL_REFERENCE_FREE

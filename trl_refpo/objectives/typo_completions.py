@@ -86,19 +86,19 @@ class ReferenceCompletions:
         self._pending.add(dataset_name)
         return dataset
 
-    def prepare_dataset_with_reference(self, dataset, dataset_name, trainer, reference_model):
+    def prepare_dataset_with_reference(self, dataset, dataset_name, sampler):
         self._trainer_built = True
         if dataset_name not in self._pending:
             return dataset
-        if trainer.is_deepspeed_enabled and trainer.accelerator.state.deepspeed_plugin.zero_stage == 3:
+        if sampler.zero3:
             raise ValueError(
                 f"Column {self.column!r} is missing and reference completions cannot be generated under DeepSpeed "
                 "ZeRO-3 (sharded weights). Generate them once without ZeRO-3 (same cache directory) or add the column."
             )
         args = self.args
         dataset, self.cache_hits[dataset_name] = generate_completions_cached(
-            dataset, reference_model, trainer.processing_class, SamplingSettings.from_args(args), self.column,
-            args.typo_generation_cache_dir, trainer.accelerator, dataset_name,
+            dataset, sampler.model, sampler.processing_class, SamplingSettings.from_args(args), self.column,
+            args.typo_generation_cache_dir, sampler.accelerator, dataset_name,
             batch_size=args.typo_generation_batch_size or args.per_device_eval_batch_size,
         )
         return dataset

@@ -22,6 +22,7 @@ import socket
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 
 import pyarrow as pa
 import torch
@@ -31,11 +32,10 @@ from datasets.fingerprint import Hasher
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
-from trl.models import prepare_deepspeed
 
-from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
-from .reference import ColumnReference, NoReference, ReferenceLogps
-from .text_reference import TextReference
+from ..data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
+from .sources import ColumnReference, NoReference, ReferenceLogps, ScoringHandle
+from .text import TextReference
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +43,14 @@ CACHE_FORMAT = 2  # 2: the file stores its key and a checksum
 SCORED_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", *REF_ID_COLUMNS)
 
 
-def precompute_reference_logps(trainer, dataset, name: str, batch_size: int):
-    """Add the reference log-prob columns to ``dataset`` (scored, or loaded from the cache)."""
-    source = trainer.ref_scoring_source
+def precompute_reference_logps(
+    source, dataset, name: str, batch_size: int, args, handle: Callable[[], ScoringHandle], trl_scoring=None
+):
+    """Add the reference log-prob columns to ``dataset`` (scored by ``source``, or loaded from the cache).
+
+    ``handle`` builds the scoring handle (only called when something is scored); ``trl_scoring(model, batch)``,
+    where TRL's own loss code reads the values, is TRL's ``compute_ref_log_probs`` (its ``ld_alpha`` weighting).
+    """
     if isinstance(source, NoReference):
         return dataset
     if isinstance(source, ColumnReference):  # supplied by the user: used as-is
@@ -67,14 +72,14 @@ def precompute_reference_logps(trainer, dataset, name: str, batch_size: int):
             "columns to score them, or supply them in the train dataset too to use them as-is."
         )
 
-    args = trainer.args
+    handle = handle()
     cache = None
     if args.ref_logps_cache_dir is not None:
-        key_parts = cache_key_parts(trainer, source, dataset)
+        key_parts = cache_key_parts(source, dataset, args, handle, trl_scoring is not None)
         key = [Hasher.hash(key_parts)]
         broadcast_object_list(key, from_process=0)  # rank-dependent inputs (sharded weights) → one shared file
         cache = RefLogpsCache(args.ref_logps_cache_dir, key[0], json.dumps(key_parts, default=str))
-        values = cache.load(len(dataset), trainer.accelerator)
+        values = cache.load(len(dataset), handle.accelerator)
         if values is not None:
             logger.info(
                 "Loaded the reference log-probs of the %s dataset from the cache %s: no reference forward.",
@@ -83,11 +88,11 @@ def precompute_reference_logps(trainer, dataset, name: str, batch_size: int):
             return _with_columns(dataset, values)
         cache.check_writable()  # before scoring, so that a bad folder costs nothing
 
-    values = _score(trainer, source, dataset, name, batch_size)
+    values = _score(source, dataset, name, batch_size, args, handle, trl_scoring)
     if cache is not None:
-        if trainer.accelerator.is_main_process:
+        if handle.accelerator.is_main_process:
             cache.save(values, name)
-        trainer.accelerator.wait_for_everyone()
+        handle.accelerator.wait_for_everyone()
     return _with_columns(dataset, values)
 
 
@@ -206,19 +211,18 @@ def values_checksum(values: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def cache_key_parts(trainer, source, dataset) -> dict:
-    args = trainer.args
-    tokenizer = source.tokenizer if isinstance(source, TextReference) else trainer._tokenizer
+def cache_key_parts(source, dataset, args, handle: ScoringHandle, trl_scored: bool) -> dict:
+    tokenizer = source.tokenizer if isinstance(source, TextReference) else handle.tokenizer
     return {
         "format": CACHE_FORMAT,
         "dataset": dataset_fingerprint(dataset, [c for c in SCORED_COLUMNS if c in dataset.column_names]),
-        "reference_weights": trainer._precompute_model_hash,
+        "reference_weights": handle.weights_fingerprint(),
         "reference_tokenizer": tokenizer_fingerprint(tokenizer),
         "prompt_mode": getattr(source, "prompt_mode", "full"),
         "max_length": args.max_length,
         "truncation_mode": args.truncation_mode,
         # TRL's own scoring (TRL loss types) weighs the tail of the longer completion by ld_alpha.
-        "scoring": "refpo" if trainer.uses_pipeline else f"trl(ld_alpha={args.ld_alpha})",
+        "scoring": f"trl(ld_alpha={args.ld_alpha})" if trl_scored else "refpo",
         "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
     }
 
@@ -260,22 +264,9 @@ def _with_columns(dataset: Dataset, values: dict[str, torch.Tensor]) -> Dataset:
     return concatenate_datasets([dataset, columns], axis=1)
 
 
-def _reference_model(trainer, source):
-    """The model that scores and the context to score in (PEFT: adapter disabled), picked as TRL's precompute does."""
-    model, adapter_context = source.reference_context(trainer)
-    if trainer.ref_model is None:  # the policy before training is the reference
-        model = trainer.model
-        if trainer.is_deepspeed_enabled:  # ZeRO parameters are not placed/gathered before `train`
-            if trainer._precompute_engine is None:
-                trainer._precompute_engine = prepare_deepspeed(trainer.model, trainer.accelerator)
-            model = trainer._precompute_engine
-    return model, adapter_context
-
-
-def _score(trainer, source, dataset, name: str, batch_size: int) -> dict[str, torch.Tensor]:
-    args = trainer.args
+def _score(source, dataset, name: str, batch_size: int, args, handle, trl_scoring) -> dict[str, torch.Tensor]:
     collator = RefPODataCollator(
-        pad_token_id=trainer._tokenizer.pad_token_id,
+        pad_token_id=handle.tokenizer.pad_token_id,
         max_length=args.max_length,
         truncation_mode=args.truncation_mode,
         pad_to_multiple_of=args.pad_to_multiple_of,
@@ -289,8 +280,8 @@ def _score(trainer, source, dataset, name: str, batch_size: int) -> dict[str, to
         pin_memory=args.dataloader_pin_memory,
         shuffle=False,
     )
-    dataloader = trainer.accelerator.prepare(dataloader)
-    model, adapter_context = _reference_model(trainer, source)
+    accelerator = handle.accelerator
+    dataloader = accelerator.prepare(dataloader)
     gathered = {name: [] for name in FLOAT_COLUMNS}
     for batch in tqdm(
         iterable=dataloader,
@@ -298,15 +289,15 @@ def _score(trainer, source, dataset, name: str, batch_size: int) -> dict[str, to
         disable=bool(os.environ.get("TQDM_DISABLE", "")),
     ):
         num_pairs = batch["input_ids"].size(0) // 2
-        with trainer.accelerator.autocast():
-            if trainer.uses_pipeline:
-                scored = source.score(trainer, model, adapter_context, batch, num_pairs)
+        with accelerator.autocast():
+            if trl_scoring is None:
+                scored = source(handle, batch, num_pairs)
             else:  # TRL's loss code reads these: score exactly as TRL does (ld_alpha included)
-                chosen, rejected = trainer.compute_ref_log_probs(model, batch)
+                chosen, rejected = trl_scoring(handle.model, batch)
                 lengths = batch["completion_mask"][:, 1:].sum(dim=1).float().chunk(2)
                 scored = ReferenceLogps(chosen.float(), rejected.float(), *lengths)
         row_values = (scored.chosen, scored.rejected, scored.chosen_lengths, scored.rejected_lengths)
-        row_values = trainer.accelerator.gather_for_metrics(tuple(value.float() for value in row_values))
+        row_values = accelerator.gather_for_metrics(tuple(value.float() for value in row_values))
         for column, value in zip(FLOAT_COLUMNS, row_values, strict=True):
             gathered[column].append(value.cpu())
     return {column: torch.cat(values).float().contiguous() for column, values in gathered.items()}

@@ -15,8 +15,9 @@ differs from the policy's
                                            whichever tokenizer the reference has
 =========================================  ===============================================================
 
-With ``precompute_ref_log_probs`` the chosen source scores the dataset once (see :mod:`trl_refpo.ref_cache`)
-and training reads the columns.
+With ``precompute_ref_log_probs`` the chosen source scores the dataset once (see
+:mod:`trl_refpo.reference.precompute`) and training reads the columns. What the loss types need of the reference
+(reference samples, the full distribution) comes from the caller, which reads the objectives' declarations.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ from transformers import AutoProcessor, AutoTokenizer
 from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
-from .data import FLOAT_COLUMNS
-from .objectives import build_objectives
-from .offline_models import resolve_model_path
-from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
-from .text_reference import TextReference
+from ..data import FLOAT_COLUMNS
+from .rules import refuse_partial_reference, refuse_sync_with_other_tokenizer, refuse_unresolved_model_name
+from .sources import ColumnReference, ModelReference, NoReference, ReferenceSource
+from .text import TextReference
 
 logger = logging.getLogger(__name__)
 
@@ -58,18 +58,71 @@ class ReferenceSetup:
 
 
 def setup_reference(
-    model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config
+    model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config, *,
+    samples_from_reference: bool = False, full_distribution_for: list[str] | None = None,
+) -> ReferenceSetup:
+    """The reference source and the reference model TRL's constructor gets.
+
+    ``samples_from_reference``: a loss type samples from ``ref_model`` before training even without reference
+    log-probs (TYPO's generation). ``full_distribution_for``: the loss types that need the reference's full
+    next-token distribution over the policy's token ids (ε-DPO).
+    """
+    source_setup = _choose_source(
+        model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config,
+        samples_from_reference,
+    )
+    source = source_setup.source
+    refuse_partial_reference(
+        full_distribution_for or [],
+        supplied_columns=isinstance(source, ColumnReference),
+        no_model=isinstance(source, NoReference),
+        prior=isinstance(source, TextReference) and source.prompt_mode == "none",
+        other_tokenizer=isinstance(source, TextReference),
+    )
+    return source_setup
+
+
+def _choose_source(
+    model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config,
+    samples_from_reference,
 ) -> ReferenceSetup:
     if not args.needs_reference:
-        samples_from_reference = any(objective.samples_from_reference for objective in build_objectives(args))
-        # One rule for every reference option (the config's fields are checked in RefPOConfig): an error naming it.
-        for name, value in (("ref_model", ref_model), ("ref_tokenizer", ref_tokenizer)):
-            if value is not None and not (name == "ref_model" and samples_from_reference):
-                raise ValueError(
-                    f"The trainer was given {name}=, but loss_type {args.loss_type} uses no reference. Do not pass it."
-                )
+        _refuse_reference_instances(args, ref_model, ref_tokenizer, samples_from_reference)
         return ReferenceSetup(NoReference(), None, processing_class)
+    if _supplied_columns_in_use(train_dataset, eval_dataset, args, ref_model, ref_tokenizer):
+        return ReferenceSetup(ColumnReference(), None, processing_class)
 
+    owns_ref_model = args.ref_model_name_or_path is not None
+    ref_model, ref_tokenizer = _reference_model_and_tokenizer(model, ref_model, ref_tokenizer, args)
+    if processing_class is None and (ref_model is not None or args.ref_prompt == "none"):
+        processing_class = _policy_processor(model, args)  # the reference's tokenisation is compared with it
+    policy_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+    first_example = _first_example(train_dataset)
+    if ref_tokenizer is not None and tokenizers_agree(policy_tokenizer, ref_tokenizer, first_example):
+        logger.info("The reference tokenizer agrees with the policy's: the reference scores the policy's token ids.")
+        ref_tokenizer = None
+    elif ref_tokenizer is None and ref_model is not None:
+        _check_same_tokenizer(ref_model, policy_tokenizer, first_example, _num_embeddings(model))
+
+    source = _model_source(ref_tokenizer, policy_tokenizer, args, first_example)
+    if ref_model is None and _policy_copy_needed(model, peft_config, args):
+        # TRL reloads the initial policy from `config._name_or_path`; an in-memory policy (built from a config, or
+        # edited after loading) has no such path, so its initial weights are copied instead. With precompute TRL
+        # scores with the policy itself before training, so no copy is kept.
+        ref_model = copy.deepcopy(model)
+    return ReferenceSetup(source, ref_model, processing_class, owns_ref_model)
+
+
+def _refuse_reference_instances(args, ref_model, ref_tokenizer, samples_from_reference: bool) -> None:
+    """One rule for every reference option of a reference-free run (the config checks its fields): name it."""
+    for name, value in (("ref_model", ref_model), ("ref_tokenizer", ref_tokenizer)):
+        if value is not None and not (name == "ref_model" and samples_from_reference):
+            raise ValueError(
+                f"The trainer was given {name}=, but loss_type {args.loss_type} uses no reference. Do not pass it."
+            )
+
+
+def _supplied_columns_in_use(train_dataset, eval_dataset, args, ref_model, ref_tokenizer) -> bool:
     if _has_supplied_columns(train_dataset, "train"):
         if is_vision_example(_first_example(train_dataset)):
             raise ValueError(
@@ -79,82 +132,77 @@ def setup_reference(
         _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer)
         for name, dataset in [("train", train_dataset), *_named(eval_dataset)]:
             check_supplied_values(dataset, name)
-        return ReferenceSetup(ColumnReference(), None, processing_class)
+        return True
     for name, dataset in _named(eval_dataset):
         if _has_supplied_columns(dataset, name):
             raise ValueError(
                 f"The {name} dataset has reference log-prob columns {list(REFERENCE_COLUMNS)} but the train dataset "
                 "does not: one reference must serve both. Add the columns to the train dataset, or drop them."
             )
+    return False
 
+
+def _reference_model_and_tokenizer(model, ref_model, ref_tokenizer, args):
+    """The given ``ref_model`` / ``ref_tokenizer``, or those the config names (loaded here)."""
     if ref_model is not None and args.ref_model_name_or_path is not None:
         raise ValueError(
             "Both a `ref_model` instance and `ref_model_name_or_path` were given; pass only one reference model."
         )
-    owns_ref_model = args.ref_model_name_or_path is not None
-    if owns_ref_model:
-        ref_model = _load_reference_model(args, model)
     if ref_tokenizer is not None and args.ref_tokenizer_name_or_path is not None:
         raise ValueError("Both a `ref_tokenizer` instance and `ref_tokenizer_name_or_path` were given; pass only one.")
+    refuse_unresolved_model_name("ref_model_name_or_path", args.ref_model_name_or_path)
+    refuse_unresolved_model_name("ref_tokenizer_name_or_path", args.ref_tokenizer_name_or_path)
+    if args.ref_model_name_or_path is not None:
+        ref_model = _load_reference_model(args, model)
     if args.ref_tokenizer_name_or_path is not None:
         ref_tokenizer = AutoTokenizer.from_pretrained(
-            resolve_model_path(args.ref_tokenizer_name_or_path), trust_remote_code=args.trust_remote_code
+            args.ref_tokenizer_name_or_path, trust_remote_code=args.trust_remote_code
         )
     if ref_tokenizer is not None and ref_model is None:
         raise ValueError(
             "A reference tokenizer was given (`ref_tokenizer` / `ref_tokenizer_name_or_path`) but no reference model "
             "to go with it: pass `ref_model=` or set `ref_model_name_or_path`."
         )
+    return ref_model, ref_tokenizer
 
-    needs_policy_tokenizer = ref_model is not None or args.ref_prompt == "none"
-    if needs_policy_tokenizer and processing_class is None:
-        model_id = model if isinstance(model, str) else get_config_model_id(model.config)
-        processing_class = AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
-    policy_tokenizer = getattr(processing_class, "tokenizer", processing_class)
-    first_example = _first_example(train_dataset)
 
-    if ref_tokenizer is not None and tokenizers_agree(policy_tokenizer, ref_tokenizer, first_example):
-        logger.info("The reference tokenizer agrees with the policy's: the reference scores the policy's token ids.")
-        ref_tokenizer = None
-    elif ref_tokenizer is None and ref_model is not None:
-        _check_same_tokenizer(ref_model, policy_tokenizer, first_example, _num_embeddings(model))
+def _policy_processor(model, args):
+    model_id = model if isinstance(model, str) else get_config_model_id(model.config)
+    return AutoProcessor.from_pretrained(model_id, trust_remote_code=args.trust_remote_code)
 
+
+def _model_source(ref_tokenizer, policy_tokenizer, args, first_example) -> ReferenceSource:
+    """A reference with its own tokenizer, or the prior, re-scores the text; else the policy's token ids."""
     if ref_tokenizer is not None:
-        if args.sync_ref_model:
-            raise ValueError(
-                "sync_ref_model=True copies the policy's weights into the reference, which a reference with a different "
-                "tokenizer cannot take. Set sync_ref_model=False."
-            )
+        refuse_sync_with_other_tokenizer(args.sync_ref_model, other_tokenizer=True)
         source = TextReference(ref_tokenizer, args.ref_prompt)
     elif args.ref_prompt == "none":
         source = TextReference(policy_tokenizer, "none")
     else:
-        source = ModelReference()
-    if isinstance(source, TextReference) and first_example is not None:
-        if is_vision_example(first_example):
-            raise ValueError(
-                "A reference that re-tokenises the text (ref_tokenizer / ref_prompt='none') does not support vision "
-                "datasets."
-            )
-        if not all(isinstance(first_example.get(column), (str, list)) for column in ("chosen", "rejected")):
-            raise ValueError(
-                "A reference that re-tokenises the text (ref_tokenizer / ref_prompt='none') needs the train dataset's "
-                f"text columns 'chosen' and 'rejected' (and 'prompt'); it has {sorted(first_example)}. Pass the "
-                "dataset with its text, not pre-tokenised ids."
-            )
+        return ModelReference()
+    if first_example is not None and is_vision_example(first_example):
+        raise ValueError(
+            "A reference that re-tokenises the text (ref_tokenizer / ref_prompt='none') does not support vision "
+            "datasets."
+        )
+    if first_example is not None and not all(
+        isinstance(first_example.get(column), (str, list)) for column in ("chosen", "rejected")
+    ):
+        raise ValueError(
+            "A reference that re-tokenises the text (ref_tokenizer / ref_prompt='none') needs the train dataset's "
+            f"text columns 'chosen' and 'rejected' (and 'prompt'); it has {sorted(first_example)}. Pass the "
+            "dataset with its text, not pre-tokenised ids."
+        )
+    return source
 
-    # TRL reloads the initial policy from `config._name_or_path`; an in-memory policy (built from a config, or edited
-    # after loading) has no such path, so its initial weights are copied instead. With precompute TRL scores with the
-    # policy itself before training, so no copy is kept.
-    if (
-        ref_model is None
-        and not isinstance(model, str)
+
+def _policy_copy_needed(model, peft_config, args) -> bool:
+    return (
+        not isinstance(model, str)
         and peft_config is None
         and not is_peft_model(model)
         and (not args.precompute_ref_log_probs or args.fsdp)
-    ):
-        ref_model = copy.deepcopy(model)
-    return ReferenceSetup(source, ref_model, processing_class, owns_ref_model)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- columns
@@ -256,7 +304,7 @@ def _load_reference_model(args, model):
         kwargs.setdefault("dtype", model.dtype)
     elif args.model_init_kwargs and "dtype" in args.model_init_kwargs:
         kwargs.setdefault("dtype", args.model_init_kwargs["dtype"])
-    return create_model_from_path(resolve_model_path(args.ref_model_name_or_path), **kwargs)
+    return create_model_from_path(args.ref_model_name_or_path, **kwargs)
 
 
 def _known_tokenizer(ref_model):

@@ -2,21 +2,23 @@
 
 A reference source turns a collated batch into per-pair reference log-probs (and, where the
 reference tokenises differently, its own completion token counts). The trainer asks the one source
-chosen at construction; objectives never know which it was.
+chosen at construction; objectives never know which it was. A source scores through a :class:`ScoringHandle`
+(the model, the adapter switch, the accelerator, the tokenizer), never through the trainer: the handle is built
+from TRL's trainer in one place, :func:`trl_refpo.reference.handle.scoring_handle`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
 from torch import Tensor
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import FusedCausalLMOutput, use_adapter
 
-from .lm_head import completion_head_outputs
+from ..heads.completion import completion_logps, model_inputs
 
 
 @dataclass
@@ -27,33 +29,22 @@ class ReferenceLogps:
     rejected_lengths: Tensor | None = None
 
 
-#: Batch keys that are token rows or reference-side columns; every other key is a model input (a vision batch's
-#: ``pixel_values``, ``image_sizes``, ``token_type_ids``, …), passed to ``model.forward`` as TRL passes it.
-ROW_KEYS = frozenset({"input_ids", "attention_mask", "completion_mask"})
+@dataclass
+class ScoringHandle:
+    """What a reference source needs to score a batch.
 
-
-def model_inputs(inputs: dict) -> dict:
-    """The batch's model inputs besides ``input_ids`` / ``attention_mask`` (empty for a text batch)."""
-    return {key: value for key, value in inputs.items() if key not in ROW_KEYS and not key.startswith("ref_")}
-
-
-def completion_logps(
-    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, entropy: bool = False,
-    metrics: bool = False, **model_kwargs,
-) -> tuple[Tensor, Tensor, FusedCausalLMOutput]:
-    """Per-row sums of completion-token log-probs, the per-token values, and the head's outputs.
-
-    Returns ``(row_logps (R,), per_token_logps (R, T-1), outputs)``; ``per_token_logps`` is 0 outside the
-    completion; ``outputs.entropy`` is set when ``entropy`` is true, ``outputs.mean_logits`` / ``is_top1`` when
-    ``metrics`` is. Only completion positions are projected through the LM head (:mod:`trl_refpo.lm_head`).
-    ``model_kwargs`` (images, ``output_router_logits``) go to the model's forward.
+    ``model`` is the reference model, or for a PEFT policy without one the policy itself, scored inside
+    ``adapter_context()`` (the adapter switched off). ``policy``'s gradient checkpointing is switched off for the
+    forward. ``weights_fingerprint`` names the reference weights for the precompute cache's key.
     """
-    labels = input_ids.masked_fill(completion_mask == 0, -100)
-    outputs = completion_head_outputs(
-        model, input_ids, attention_mask, labels, entropy=entropy, metrics=metrics, **model_kwargs
-    )
-    per_token = outputs.log_probs[:, -(input_ids.size(1) - 1) :]
-    return per_token.sum(dim=1), per_token, outputs
+
+    model: torch.nn.Module
+    accelerator: Any
+    tokenizer: Any  # the policy's tokenizer
+    policy: torch.nn.Module | None = None
+    adapter_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    gradient_checkpointing_kwargs: dict | None = None
+    weights_fingerprint: Callable[[], str | None] = field(default=lambda: None)
 
 
 class ReferenceSource:
@@ -70,21 +61,21 @@ class ReferenceSource:
         """Add the columns this source needs to TRL's tokenised dataset (default: none)."""
         return dataset
 
-    def __call__(self, trainer, inputs: dict, num_pairs: int) -> ReferenceLogps | None:
+    def __call__(self, handle: ScoringHandle | None, inputs: dict, num_pairs: int) -> ReferenceLogps | None:
         raise NotImplementedError
 
 
 class NoReference(ReferenceSource):
     """Reference-free loss types (SimPO, probability, TYPO's supervised term)."""
 
-    def __call__(self, trainer, inputs, num_pairs):
+    def __call__(self, handle, inputs, num_pairs):
         return None
 
 
 class ColumnReference(ReferenceSource):
     """``ref_chosen_logps`` / ``ref_rejected_logps`` from the batch: precomputed or supplied by the user."""
 
-    def __call__(self, trainer, inputs, num_pairs):
+    def __call__(self, handle, inputs, num_pairs):
         lengths = (inputs.get("ref_chosen_lengths"), inputs.get("ref_rejected_lengths"))
         return ReferenceLogps(
             inputs["ref_chosen_logps"].float(), inputs["ref_rejected_logps"].float(),
@@ -95,26 +86,15 @@ class ColumnReference(ReferenceSource):
 class ModelReference(ReferenceSource):
     """Score the policy's own token ids with the reference model.
 
-    The reference is ``trainer.ref_model`` (the initial policy or a swapped same-tokenizer checkpoint)
-    or, with PEFT and no ``ref_model``, the policy with its adapter disabled (TRL's convention).
+    The handle's model is the reference model (the initial policy or a swapped same-tokenizer checkpoint) or,
+    with PEFT and no ``ref_model``, the policy with its adapter disabled (TRL's convention).
     """
 
     needs_model = True
     scores_policy_token_ids = True
     input_keys = ("input_ids", "attention_mask", "completion_mask")  # the batch rows this source scores
 
-    @staticmethod
-    def reference_context(trainer):
-        if trainer.ref_model is None and is_peft_model(trainer.model):
-            unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-            return trainer.model, use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        return trainer.ref_model, contextlib.nullcontext()
-
-    def __call__(self, trainer, inputs, num_pairs):
-        model, adapter_context = self.reference_context(trainer)
-        return self.score(trainer, model, adapter_context, inputs, num_pairs)
-
-    def score(self, trainer, model, adapter_context, inputs, num_pairs) -> ReferenceLogps:
+    def __call__(self, handle: ScoringHandle, inputs, num_pairs) -> ReferenceLogps:
         """Reference log-probs and completion token counts of the first ``2 * num_pairs`` rows of ``input_keys``.
 
         The batch's other model inputs (images) go along unsliced: a vision batch has no extra rows (the trainer
@@ -122,13 +102,14 @@ class ModelReference(ReferenceSource):
         """
         rows = slice(0, 2 * num_pairs)  # chosen and rejected rows; extra rows (TYPO) need no reference
         input_ids, attention_mask, completion_mask = (inputs[key][rows] for key in self.input_keys)
-        with (
-            torch.no_grad(),
-            disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs),
-            adapter_context,
-        ):
+        checkpointing_off = (
+            disable_gradient_checkpointing(handle.policy, handle.gradient_checkpointing_kwargs)
+            if handle.policy is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), checkpointing_off, handle.adapter_context():
             row_logps, _, _ = completion_logps(
-                model, input_ids, attention_mask, completion_mask, **model_inputs(inputs)
+                handle.model, input_ids, attention_mask, completion_mask, **model_inputs(inputs)
             )
         chosen, rejected = row_logps.float().chunk(2)
         chosen_lengths, rejected_lengths = completion_mask[:, 1:].sum(dim=1).float().chunk(2)

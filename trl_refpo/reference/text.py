@@ -27,8 +27,8 @@ import logging
 from datasets import Dataset
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
-from .data import REF_ID_COLUMNS
-from .reference import ModelReference
+from ..data import REF_ID_COLUMNS
+from .sources import ModelReference
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import losses
-from .trl_losses import ipo as trl_ipo_loss
+from ..objectives import losses
+from ..objectives.trl_losses import ipo as trl_ipo_loss
 
 BANDIT_METHODS = ("dpo", "ipo", "typo")
 PAIR_TYPES = torch.tensor([[0, 1], [1, 2], [0, 2]])  # {a,b}, {b,c}, {a,c}
