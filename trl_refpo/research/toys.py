@@ -421,9 +421,9 @@ def three_d_properties_toy(
     rising; its toy code is not public.
 
     ``objective``:
-    ``"dpo"`` (:func:`~trl_refpo.losses.sigmoid_dpo_loss`), ``"flex_dpo"`` (β⁺ = ``beta``, β⁻ =
-    ``beta_rejected``; :func:`~trl_refpo.losses.flex_dpo_loss`), ``"sft_dpo"`` (DPO + ``sft_weight`` ×
-    the chosen NLL, Eq. 6, :func:`~trl_refpo.losses.sft_loss` on one-token responses).
+    ``"dpo"`` (:func:`~trl_refpo.objectives.losses.sigmoid_dpo_loss`), ``"flex_dpo"`` (β⁺ = ``beta``, β⁻ =
+    ``beta_rejected``; :func:`~trl_refpo.objectives.losses.flex_dpo_loss`), ``"sft_dpo"`` (DPO + ``sft_weight`` ×
+    the chosen NLL, Eq. 6, :func:`~trl_refpo.objectives.losses.sft_loss` on one-token responses).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)

@@ -6,12 +6,14 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_args
-from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, TrainerCallback
+from transformers import TrainerCallback
 
 from trl_refpo import RefPOConfig, RefPOTrainer, losses
 from trl_refpo.heads.perturbation import PerturbationScorer
 from trl_refpo.heads.completion import completion_logps
+from model_families import cohere_with_logit_scale, gemma2_with_softcap, moved
 from oracles import naive_epsilon_dpo
+from trl_refpo.reference.handle import scoring_handle
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, toy_preference_dataset
 
 BETA = 0.1
@@ -27,16 +29,6 @@ def sequence_logps(logits, batch):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def moved(model, seed, scale=0.05):
-    """A copy of ``model`` with perturbed weights: a policy that has drifted from its reference."""
-    generator = torch.Generator().manual_seed(seed)
-    policy = copy.deepcopy(model)
-    with torch.no_grad():
-        for parameter in policy.parameters():
-            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
-    return policy
-
-
 def first_batch(trainer):
     trainer.model.train()
     return trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -50,7 +42,7 @@ def scorer_logratios(trainer, batch, epsilon):
         with scorer.capture("policy"):
             completion_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         with scorer.capture("reference"):
-            trainer.reference_source(trainer, batch, num_pairs)
+            trainer.reference_source(scoring_handle(trainer), batch, num_pairs)
     return scorer.logratios(batch, num_pairs, epsilon)
 
 
@@ -100,22 +92,6 @@ def test_position_chunking_does_not_change_the_result(block_elements, tokenizer,
     chunked = scorer_logratios(trainer, batch, 0.5)
     for key in full:
         torch.testing.assert_close(chunked[key], full[key], rtol=0, atol=1e-5)
-
-
-def gemma2_with_softcap(tokenizer):
-    return Gemma2ForCausalLM(Gemma2Config(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, final_logit_softcapping=2.0, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256,
-    ))
-
-
-def cohere_with_logit_scale(tokenizer):
-    return CohereForCausalLM(CohereConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, logit_scale=0.5, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, max_position_embeddings=256,
-    ))
 
 
 @pytest.mark.parametrize("build", [gemma2_with_softcap, cohere_with_logit_scale])

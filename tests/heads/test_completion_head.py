@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from test_epsilon_dpo import cohere_with_logit_scale, gemma2_with_softcap
+from model_families import cohere_with_logit_scale, gemma2_with_softcap
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_refpo.heads import completion as lm_head

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspeed_launcher import patch_accelerate_for_cpu_deepspeed, skip_shm_comm_build  # noqa: E402
 
 os.environ.setdefault("TQDM_DISABLE", "1")

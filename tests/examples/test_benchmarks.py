@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
+BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
 def ratio_rows(output: str) -> dict[str, list[float]]:

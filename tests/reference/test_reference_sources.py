@@ -24,7 +24,8 @@ from trl import DPOTrainer as TRLDPOTrainer
 from trl.data_utils import common_prefix_length
 
 from trl_refpo import RefPOConfig, RefPOTrainer
-from trl_refpo.reference.sources import ColumnReference, ModelReference
+from trl_refpo.reference.sources import ColumnReference, ModelReference, ScoringHandle
+from trl_refpo.reference.handle import scoring_handle
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer, toy_preference_dataset
 from trl_refpo.reference.text import TextReference
 
@@ -127,7 +128,7 @@ def test_cross_tokenizer_reference_equals_direct_scoring(
     )
     assert isinstance(trainer.reference_source, TextReference) and trainer.uses_pipeline
     batch = first_batch(trainer, 6)
-    reference = trainer.reference_source(trainer, batch, num_pairs=6)
+    reference = trainer.reference_source(scoring_handle(trainer), batch, num_pairs=6)
 
     boundary_differs = False
     for index, example in enumerate(raw):
@@ -258,12 +259,12 @@ def test_prior_reference_equals_hand_built_no_prompt_sequence(tmp_path, policy, 
         chosen, rejected = ids(["a", "b", "c", "<eos>"]), ids(["c", "b", "a", "<eos>"])
     example = trainer.train_dataset[0]
     assert (example["ref_prompt_ids"], example["ref_chosen_ids"], example["ref_rejected_ids"]) == (prompt, chosen, rejected)
-    reference = trainer.reference_source(trainer, first_batch(trainer, 1), num_pairs=1)
+    reference = trainer.reference_source(scoring_handle(trainer), first_batch(trainer, 1), num_pairs=1)
     for got, completion in ((reference.chosen, chosen), (reference.rejected, rejected)):
         expected, _ = direct_logps(policy, prompt, prompt + completion, len(prompt))
         assert got.item() == pytest.approx(expected, abs=1e-4)
     # and it is not the conditional log-prob
-    conditional = ModelReference().score(trainer, trainer.ref_model, torch.no_grad(), first_batch(trainer, 1), 1)
+    conditional = ModelReference()(ScoringHandle(trainer.ref_model, trainer.accelerator, policy_tokenizer), first_batch(trainer, 1), 1)
     assert abs(conditional.chosen.item() - reference.chosen.item()) > 1e-3
 
 
@@ -274,7 +275,7 @@ def test_swapped_same_tokenizer_reference_by_instance_and_by_path(tmp_path, poli
     trainer = make_trainer(tmp_path, policy, policy_tokenizer, raw, ref_model=swapped, config={"loss_type": ["flex_dpo"]})
     assert type(trainer.reference_source) is ModelReference
     batch = first_batch(trainer)
-    reference = trainer.reference_source(trainer, batch, num_pairs=4)
+    reference = trainer.reference_source(scoring_handle(trainer), batch, num_pairs=4)
     for index in range(4):
         row = batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist()
         prompt_len = int((batch["completion_mask"][index] == 0).sum()) - int((batch["attention_mask"][index] == 0).sum())
@@ -303,7 +304,7 @@ def test_swapped_same_tokenizer_reference_by_instance_and_by_path(tmp_path, poli
     )
     assert out.log_probs is not None
     torch.testing.assert_close(
-        trainer.reference_source(trainer, batch, num_pairs=4).chosen, reference.chosen, atol=1e-5, rtol=0
+        trainer.reference_source(scoring_handle(trainer), batch, num_pairs=4).chosen, reference.chosen, atol=1e-5, rtol=0
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
@@ -403,7 +404,7 @@ def test_precompute_cache_hit_runs_no_reference_forward_and_any_key_change_resco
     online = make_trainer(
         tmp_path, policy, policy_tokenizer, raw, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer
     )
-    reference = online.reference_source(online, first_batch(online, 8), num_pairs=8)
+    reference = online.reference_source(scoring_handle(online), first_batch(online, 8), num_pairs=8)
     torch.testing.assert_close(torch.tensor(list(first.train_dataset["ref_chosen_logps"])), reference.chosen, atol=1e-5, rtol=0)
     assert list(first.train_dataset["ref_chosen_lengths"]) == reference.chosen_lengths.tolist()
 
@@ -554,7 +555,7 @@ def test_bad_input_errors(tmp_path, policy, policy_tokenizer, ref_model, ref_tok
 
 
 # ---------------------------------------------------------------------------------------------- DeepSpeed ZeRO-3
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.skipif(
@@ -568,7 +569,7 @@ def test_reference_sources_under_zero3_two_processes(tmp_path, ref_model, ref_to
     ref_tokenizer.save_pretrained(tmp_path / "ref")
     from deepspeed_launcher import launch_deepspeed  # a free port, a timeout, the workers' output on failure
 
-    launch_deepspeed(TESTS / "zero3_reference_sources.py", tmp_path, tmp_path / "ref", zero_stage=3)
+    launch_deepspeed(Path(__file__).resolve().parent / "zero3_reference_sources.py", tmp_path, tmp_path / "ref", zero_stage=3)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["cross_online"]["losses"] == ranks[1]["cross_online"]["losses"]
     online, precomputed, supplied = (ranks[0][case] for case in ("cross_online", "cross_precomputed", "supplied"))

@@ -22,7 +22,7 @@ import nbclient
 import nbformat
 import pytest
 
-NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "examples" / "notebooks"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "examples" / "notebooks"
 sys.path.insert(0, str(NOTEBOOK_DIR))
 import execute  # noqa: E402  (examples/notebooks/execute.py: the runner that writes the committed outputs)
 
@@ -59,7 +59,7 @@ def notebook_env(kernel_path, tmp_path, monkeypatch):
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny models: a second thread only adds contention
     # the kernel imports the same trl_refpo as the tests (a worktree on PYTHONPATH, or the installed package)
-    package_root = str(Path(__file__).resolve().parents[1])
+    package_root = str(Path(__file__).resolve().parents[2])
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
     return tmp_path
 

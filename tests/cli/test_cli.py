@@ -18,7 +18,7 @@ from trl_refpo.cli import RecipeError, build_trainer, main, parse_recipe, run_dp
 from trl_refpo.cli.checks import required_packages
 from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer, tiny_tokenizer, toy_preference_dataset
 
-RECIPES = sorted((Path(__file__).parent.parent / "examples" / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).parents[2] / "examples" / "recipes").glob("*.yaml"))
 CPU = ["--use_cpu", "--bf16", "false"]
 
 
@@ -74,7 +74,7 @@ def test_shipped_recipes_parse(recipe):
 
 def test_handbook_zephyr_recipe_as_written(tmp_path):
     """The alignment-handbook zephyr-7b-beta DPO recipe, verbatim, plus only loss_type and its hyperparameters."""
-    recipe = yaml.safe_load((Path(__file__).parent / "data" / "zephyr_dpo_config_full.yaml").read_text())
+    recipe = yaml.safe_load((Path(__file__).parents[1] / "data" / "zephyr_dpo_config_full.yaml").read_text())
     recipe.update(loss_type="alpha_dpo", alpha=0.1, gamma_beta_ratio=0.5)
     parsed = parse_recipe(["--config", write_recipe(tmp_path, **recipe), *CPU])
     args = parsed.training_args
@@ -250,7 +250,7 @@ def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, ca
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
                         real_find_spec(name, *a))
-    zero2 = Path(__file__).parent.parent / "examples" / "accelerate_configs" / "zero2.yaml"
+    zero2 = Path(__file__).parents[2] / "examples" / "accelerate_configs" / "zero2.yaml"
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
     assert main(["dpo", "--config", path, "--accelerate_config", str(zero2), "--num_processes", "2"]) == 2
     assert 'pip install "trl-refpo[deepspeed]"' in capsys.readouterr().err
@@ -303,7 +303,7 @@ def test_console_main_trains(tmp_path, tiny_model_dir, tiny_jsonl):
 # ------------------------------------------------------------------------------------------ the CLI as users run it
 # Each case runs `python -m trl_refpo.cli dpo` (or `accelerate launch` of it) in a fresh process, as a user would; the
 # runs share one thread pool so the suite waits for the slowest, not the sum.
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE_CONFIGS = ROOT / "examples" / "accelerate_configs"
 ERROR_PREFIX = "trl-refpo dpo: error: "
 NEEDS_NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the no-GPU launch checks")
