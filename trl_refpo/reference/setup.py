@@ -270,7 +270,8 @@ def _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer) -> Non
 
 
 def check_supplied_values(dataset, name: str) -> None:
-    """Supplied reference columns hold finite numbers; else one line naming the column and the first bad row.
+    """Supplied reference columns hold finite numbers, and log-probs in [LOWEST_LOGP, LOGP_ROUNDING_TOLERANCE];
+    else one line naming the column and the first bad row.
 
     Map-style datasets are checked whole; an ``IterableDataset`` (not readable before training) is not.
     """
@@ -284,6 +285,8 @@ def check_supplied_values(dataset, name: str) -> None:
             numbers = values.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
             bad = np.flatnonzero(~np.isfinite(numbers))
             if not len(bad):
+                if column in REFERENCE_COLUMNS:
+                    _check_logp_range(column, name, numbers)
                 continue
             row = int(bad[0])
         else:
@@ -291,6 +294,31 @@ def check_supplied_values(dataset, name: str) -> None:
         raise ValueError(
             f"Column {column!r} of the {name} dataset must hold finite numbers (reference log-probs), but row {row} "
             f"has {values[row].as_py()!r} ({values.type}). Fix or drop that row."
+        )
+
+
+# A completion's log-probability is <= 0; float32 sums of per-token log-probs that are ~0 may round a little above.
+LOGP_ROUNDING_TOLERANCE = 1e-3
+# Far below any real completion (hundreds of nats per token × thousands of tokens), and far above the values whose
+# square or exponential overflows float32 in TRL's losses (ipo, discopop, sppo_hard: an infinite grad norm).
+LOWEST_LOGP = -1e6
+
+
+def _check_logp_range(column: str, name: str, numbers) -> None:
+    above = np.flatnonzero(numbers > LOGP_ROUNDING_TOLERANCE)
+    if len(above):
+        row = int(above[0])
+        raise ValueError(
+            f"Column {column!r} of the {name} dataset holds reference log-probs, which are <= 0, but row {row} has "
+            f"{float(numbers[row])!r} (above the rounding tolerance {LOGP_ROUNDING_TOLERANCE}): check the sign and the "
+            "completion mask where it was computed."
+        )
+    below = np.flatnonzero(numbers < LOWEST_LOGP)
+    if len(below):
+        row = int(below[0])
+        raise ValueError(
+            f"Column {column!r} of the {name} dataset must hold reference log-probs >= {LOWEST_LOGP:g}, but row {row} "
+            f"has {float(numbers[row])!r} (a masking fill value, not a log-prob?): recompute that row, or drop it."
         )
 
 
