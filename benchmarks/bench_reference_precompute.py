@@ -8,6 +8,9 @@
    Measured: the precompute stage (``_precompute_ref_logps``: collation + reference forwards) and, separately,
    the reference's re-tokenisation of the text (a ``datasets.map`` in ``_prepare_dataset``, done once).
 2. A rerun with the same cache key (target: < 5% of the first run's precompute stage).
+3. The re-tokenisation's fixed cost with a large reference vocabulary (``--large-vocab``, 262,144 tokens as
+   Gemma-3's): 8 pairs re-tokenised by ``TextReference.prepare_dataset`` — the ``datasets.map`` fingerprint is
+   the tokenizers' fingerprint, not a dill pickle of the tokenizers.
 
 Timing is the process's CPU time (one torch thread), not wall time: the machine this runs on is shared and
 its load swings tenfold within minutes, which wall-clock ratios cannot survive; the CPU time of a
@@ -62,6 +65,39 @@ def permuted_tokenizer(tokenizer, seed: int = 0) -> PreTrainedTokenizerFast:
     )
 
 
+def large_vocab_tokenizer(size: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer with ``size`` tokens (the letters, then filler words) and 6,000 added special tokens."""
+    words = ["<pad>", "<unk>", "<bos>", "<eos>", *LETTERS, ":", "copy"]
+    vocab = {word: index for index, word in enumerate(words)}
+    vocab.update({f"w{index}": index for index in range(len(vocab), size)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>"
+    )
+    # Gemma-3's tokenizer carries thousands of added special tokens (``<unused…>``): dill pickles each one.
+    tokenizer.add_special_tokens({"additional_special_tokens": [f"<unused{index}>" for index in range(6000)]})
+    return tokenizer
+
+
+def retokenisation_seconds(policy_tokenizer, reference_tokenizer, pairs: int, repeats: int) -> list[float]:
+    """CPU seconds of the reference's re-tokenisation of ``pairs`` pairs (TRL's policy tokenisation first, untimed)."""
+    args = RefPOConfig(output_dir=tempfile.gettempdir(), bf16=False, use_cpu=True, report_to=[])
+    dataset = long_preference_dataset(pairs).map(
+        lambda example: {
+            f"{column}_ids": policy_tokenizer(example[column], add_special_tokens=False)["input_ids"]
+            for column in ("prompt", "chosen", "rejected")
+        }
+    )
+    seconds = []
+    for _ in range(repeats):
+        source = text_reference.TextReference(reference_tokenizer, "full")
+        start = time.process_time()
+        source.prepare_dataset(dataset, policy_tokenizer, args, "train")
+        seconds.append(time.process_time() - start)
+    return seconds
+
+
 def long_preference_dataset(num_pairs: int, seed: int = 0) -> Dataset:
     rng = random.Random(seed)
     rows = []
@@ -114,6 +150,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--large-vocab", type=int, default=262_144, help="section 3's vocabulary size (0: skip)")
+    parser.add_argument("--only-large-vocab", action="store_true", help="run section 3 only")
     options = parser.parse_args()
     disable_caching()  # no datasets map cache: every run re-tokenises, as a fresh process would
     hf_logging.set_verbosity_error()
@@ -121,6 +159,13 @@ def main():
     torch.set_num_threads(1)
 
     policy_tokenizer = tiny_tokenizer()
+    if options.large_vocab:
+        large = large_vocab_tokenizer(options.large_vocab)
+        seconds = retokenisation_seconds(policy_tokenizer, large, pairs=8, repeats=options.repeats)
+        print(f"\nRe-tokenisation of 8 pairs, reference vocabulary {len(large):,}: median {statistics.median(seconds):.3f} "
+              f"CPU s (min {min(seconds):.3f}) over {options.repeats} runs")
+    if options.only_large_vocab:
+        return
     tokenizers = {
         "same tokenizer": None,
         "cross (permuted ids)": permuted_tokenizer(policy_tokenizer),

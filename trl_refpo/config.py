@@ -243,6 +243,11 @@ class RefPOConfig(_TRLDPOConfig):
             values = value if isinstance(value, (list, tuple)) else [value]
             if value is not None and not all(valid.is_valid(item) for item in values):
                 raise ValueError(f"{name} must be {valid.expected}, got {value!r}.")
+        if self.loss_weights is not None and not any(weight > 0 for weight in self.loss_weights):
+            raise ValueError(
+                f"loss_weights={self.loss_weights} are all 0: the loss would be 0 and nothing would be trained. "
+                f"Give at least one of loss_type {self.loss_type} a weight > 0."
+            )
 
     def _validate_reference_source(self) -> None:
         if self.ref_prompt is None:

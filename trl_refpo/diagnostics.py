@@ -12,7 +12,6 @@ trainer's ``logps/accuracies`` metric, next to the implicit-reward ``rewards/acc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -59,12 +58,18 @@ def gradient_magnitude_metrics(
     chosen_grads: Tensor, rejected_grads: Tensor, gather: Callable[[Tensor], Tensor] | None = None
 ) -> dict[str, float]:
     """``grad/chosen_abs`` = mean |∂ℓ/∂lp(y_w)|, ``grad/rejected_abs`` = mean |∂ℓ/∂lp(y_l)| over all pairs of all
-    processes, and ``grad/ratio`` = rejected_abs / chosen_abs (NaN when chosen_abs is 0)."""
+    processes, and ``grad/ratio`` = rejected_abs / chosen_abs.
+
+    ``grad/ratio`` is left out of a step whose chosen_abs is 0 (saturated pairs, or none selected): 0/0 or x/0 has
+    no value, and a NaN or inf would poison the logged mean. The logged ratio is the mean over the steps that have one.
+    """
     gather = gather or (lambda tensor: tensor)
     chosen_abs = gather(chosen_grads.abs().float()).mean().item()
     rejected_abs = gather(rejected_grads.abs().float()).mean().item()
-    ratio = rejected_abs / chosen_abs if chosen_abs > 0 else math.nan
-    return {"grad/chosen_abs": chosen_abs, "grad/rejected_abs": rejected_abs, "grad/ratio": ratio}
+    metrics = {"grad/chosen_abs": chosen_abs, "grad/rejected_abs": rejected_abs}
+    if chosen_abs > 0:
+        metrics["grad/ratio"] = rejected_abs / chosen_abs
+    return metrics
 
 
 def logp_gradient_metrics(loss, per_token_logps, completion_mask, num_pairs, gather=None) -> dict[str, float]:

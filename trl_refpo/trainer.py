@@ -22,6 +22,7 @@ from trl import DPOTrainer as _TRLDPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_module
 
 from .config import RefPOConfig
+from .dataset_checks import check_preference_datasets
 from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator, report_dropped_rows, require_rows
 from .diagnostics import logp_gradient_metrics
 from .heads.completion import completion_logps, model_inputs
@@ -126,6 +127,7 @@ class RefPOTrainer(_TRLDPOTrainer):
                 f"{type(args).__name__}. Replace `from trl import DPOConfig` with `from trl_refpo import DPOConfig`."
             )
         require_rows(train_dataset, "train")
+        check_preference_datasets(train_dataset, eval_dataset)
         self.objectives = build_objectives(args)
         given_ref_model = ref_model  # TYPO may sample from it before training even when it is not kept
         needs_perturbation = [objective.name for objective in self.objectives if objective.needs_reference_distribution]

@@ -25,7 +25,8 @@ from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
-from trl.trainer.utils import hash_module
+
+from ..weights import full_weights_hash
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def generate_completions_cached(
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = eos_token_ids(model, tokenizer)
     prompts = [list(ids) for ids in dataset["prompt_ids"]]
-    key = cache_key(prompts, hash_module(model), settings, eos_ids, pad_token_id)
+    key = cache_key(prompts, full_weights_hash(model), settings, eos_ids, pad_token_id)
     folder = os.path.join(cache_dir or default_cache_dir(), key[:32])
     output_column = ids_column(column)
     hit = os.path.exists(os.path.join(folder, "settings.json"))

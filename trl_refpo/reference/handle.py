@@ -13,6 +13,7 @@ from accelerate.utils import is_peft_model
 from trl.models import prepare_deepspeed
 from trl.trainer.utils import use_adapter
 
+from ..weights import full_weights_hash
 from .sources import ScoringHandle
 
 
@@ -42,8 +43,20 @@ def scoring_handle(trainer, *, before_training: bool = False) -> ScoringHandle:
         policy=trainer.model,
         adapter_context=adapter_context,
         gradient_checkpointing_kwargs=trainer.args.gradient_checkpointing_kwargs,
-        weights_fingerprint=lambda: trainer._precompute_model_hash,
+        weights_fingerprint=lambda: _reference_weights_hash(trainer),
     )
+
+
+def _reference_weights_hash(trainer) -> str | None:
+    """TRL's hash of the reference weights (``hash_module``), taken on the full weights under every engine.
+
+    TRL hashes in its constructor; under ZeRO-3 with ``zero.Init`` the parameters are already partitioned there
+    (empty placeholders), so every reference of one architecture hashes alike. Under ZeRO-3 the hash is therefore
+    taken here, gathering one parameter at a time (collective: every process calls it, in the same order).
+    """
+    if not is_zero3(trainer):
+        return trainer._precompute_model_hash
+    return full_weights_hash(trainer.ref_model if trainer.ref_model is not None else trainer.model)
 
 
 def is_zero3(trainer) -> bool:

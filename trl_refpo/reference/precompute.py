@@ -34,6 +34,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import DataLoader
 
 from ..data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator
+from .fingerprints import tokenizer_fingerprint
 from .sources import ColumnReference, NoReference, ReferenceLogps, ScoringHandle
 from .text import TextReference
 
@@ -239,16 +240,6 @@ def dataset_fingerprint(dataset: Dataset, columns: list[str]) -> str:
             writer.write_table(table)
         digest.update(sink.getvalue())
     return digest.hexdigest()
-
-
-def tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = {
-        "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
-        "special": [str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")],
-        "chat_template": tokenizer.chat_template,
-    }
-    return Hasher.hash(parts)
 
 
 def _with_columns(dataset: Dataset, values: dict[str, torch.Tensor]) -> Dataset:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import torch
 from accelerate.utils import is_peft_model
 from datasets import Dataset
 from transformers import AutoProcessor, AutoTokenizer
@@ -36,6 +37,7 @@ from trl.data_utils import _tokenize, is_conversational
 from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from ..data import FLOAT_COLUMNS
+from ..weights import is_partitioned
 from .rules import refuse_partial_reference, refuse_sync_with_other_tokenizer, refuse_unresolved_model_name
 from .sources import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text import TextReference
@@ -109,8 +111,37 @@ def _choose_source(
         # TRL reloads the initial policy from `config._name_or_path`; an in-memory policy (built from a config, or
         # edited after loading) has no such path, so its initial weights are copied instead. With precompute TRL
         # scores with the policy itself before training, so no copy is kept.
-        ref_model = copy.deepcopy(model)
+        ref_model = initial_policy_copy(model)
     return ReferenceSetup(source, ref_model, processing_class, owns_ref_model)
+
+
+def initial_policy_copy(model):
+    """A copy of the in-memory policy's current weights, to serve as the reference.
+
+    Under ZeRO-3 the policy loaded with ``from_pretrained`` is already partitioned by ``zero.Init`` (each process
+    holds a shard, the parameters are empty placeholders), and a deep copy would copy placeholders whose DeepSpeed
+    bookkeeping belongs to the policy. The copy is then built from the config under ``zero.Init`` (partitioned the
+    same way) and filled one gathered parameter at a time: every process runs this, in the same order.
+    """
+    if not is_partitioned(model):
+        return copy.deepcopy(model)
+    import deepspeed
+
+    reference = type(model)._from_config(copy.deepcopy(model.config), dtype=model.dtype)
+    policy_parameters = dict(model.named_parameters())
+    for name, parameter in reference.named_parameters():
+        source = policy_parameters[name]
+        with deepspeed.zero.GatheredParameters([source, parameter], modifier_rank=0):
+            with torch.no_grad():
+                parameter.data.copy_(source.data)
+    policy_buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, buffer in reference.named_buffers():
+            buffer.copy_(policy_buffers[name])
+    if getattr(model, "generation_config", None) is not None:
+        reference.generation_config = copy.deepcopy(model.generation_config)
+    reference.train(model.training)
+    return reference
 
 
 def _refuse_reference_instances(args, ref_model, ref_tokenizer, samples_from_reference: bool) -> None:
@@ -270,7 +301,8 @@ def _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer) -> Non
 
 
 def check_supplied_values(dataset, name: str) -> None:
-    """Supplied reference columns hold finite numbers; else one line naming the column and the first bad row.
+    """Supplied reference columns hold finite numbers, and log-probs in [LOWEST_LOGP, LOGP_ROUNDING_TOLERANCE];
+    else one line naming the column and the first bad row.
 
     Map-style datasets are checked whole; an ``IterableDataset`` (not readable before training) is not.
     """
@@ -284,6 +316,8 @@ def check_supplied_values(dataset, name: str) -> None:
             numbers = values.to_numpy(zero_copy_only=False).astype(np.float64)  # nulls become NaN
             bad = np.flatnonzero(~np.isfinite(numbers))
             if not len(bad):
+                if column in REFERENCE_COLUMNS:
+                    _check_logp_range(column, name, numbers)
                 continue
             row = int(bad[0])
         else:
@@ -291,6 +325,31 @@ def check_supplied_values(dataset, name: str) -> None:
         raise ValueError(
             f"Column {column!r} of the {name} dataset must hold finite numbers (reference log-probs), but row {row} "
             f"has {values[row].as_py()!r} ({values.type}). Fix or drop that row."
+        )
+
+
+# A completion's log-probability is <= 0; float32 sums of per-token log-probs that are ~0 may round a little above.
+LOGP_ROUNDING_TOLERANCE = 1e-3
+# Far below any real completion (hundreds of nats per token × thousands of tokens), and far above the values whose
+# square or exponential overflows float32 in TRL's losses (ipo, discopop, sppo_hard: an infinite grad norm).
+LOWEST_LOGP = -1e6
+
+
+def _check_logp_range(column: str, name: str, numbers) -> None:
+    above = np.flatnonzero(numbers > LOGP_ROUNDING_TOLERANCE)
+    if len(above):
+        row = int(above[0])
+        raise ValueError(
+            f"Column {column!r} of the {name} dataset holds reference log-probs, which are <= 0, but row {row} has "
+            f"{float(numbers[row])!r} (above the rounding tolerance {LOGP_ROUNDING_TOLERANCE}): check the sign and the "
+            "completion mask where it was computed."
+        )
+    below = np.flatnonzero(numbers < LOWEST_LOGP)
+    if len(below):
+        row = int(below[0])
+        raise ValueError(
+            f"Column {column!r} of the {name} dataset must hold reference log-probs >= {LOWEST_LOGP:g}, but row {row} "
+            f"has {float(numbers[row])!r} (a masking fill value, not a log-prob?): recompute that row, or drop it."
         )
 
 

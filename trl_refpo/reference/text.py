@@ -21,14 +21,21 @@ which both renderings share). Nothing is cut on the reference side where the pol
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from pathlib import Path
 
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
 from ..data import REF_ID_COLUMNS
+from .fingerprints import tokenizer_fingerprint
 from .sources import ModelReference
+
+# The re-tokenisation's own code is part of its map fingerprint: an edited version never reads an old cache.
+_CODE_FINGERPRINT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +106,12 @@ class TextReference(ModelReference):
         map_kwargs = {}
         if isinstance(dataset, Dataset):  # IterableDataset.map has no num_proc / desc
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset for the reference"}
+            # Fingerprinting the map's arguments would dill-pickle both tokenizers (seconds for a 262k vocabulary).
+            map_kwargs["new_fingerprint"] = Hasher.hash([
+                dataset._fingerprint, _CODE_FINGERPRINT, tokenizer_fingerprint(self.tokenizer),
+                tokenizer_fingerprint(policy_tokenizer),
+                {name: value for name, value in fn_kwargs.items() if not name.endswith("tokenizer")},
+            ])
         return dataset.map(reference_columns, batched=True, fn_kwargs=fn_kwargs, **map_kwargs)
 
 
