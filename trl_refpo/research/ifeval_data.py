@@ -109,7 +109,7 @@ HELDOUT_TOPICS = [
     "lakes", "scarves", "turtles", "bakeries", "planets", "noodles", "chairs", "zoos",
 ]
 
-SAMPLER = dict(num_samples=6, temperature=0.9, top_p=0.95, max_new_tokens=64)
+SAMPLER = dict(num_samples=4, temperature=0.9, top_p=0.95, max_new_tokens=48)
 
 
 def _instructions_text(rng: random.Random, instruction_ids: list[str]) -> tuple[list[dict], str]:

@@ -115,7 +115,7 @@ def generation_state(model):
     was_training = model.training
     use_cache = getattr(model.config, "use_cache", None)
     generation_use_cache = getattr(getattr(model, "generation_config", None), "use_cache", None)
-    checkpointing = bool(getattr(model, "is_gradient_checkpointing", False))
+    checkpointing = bool(model.is_activation_checkpointing)
     checkpoint_funcs = {name: module._gradient_checkpointing_func for name, module in model.named_modules()
                         if getattr(module, "gradient_checkpointing", False)}
     model.eval()
@@ -123,7 +123,7 @@ def generation_state(model):
     if generation_use_cache is not None:
         model.generation_config.use_cache = True
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
     try:
         yield model
     finally:
@@ -181,7 +181,7 @@ def _rows(prompts) -> list[dict]:
     return rows
 
 
-def evaluate_policy(model, tokenizer, prompts, *, ref_model=None, pairs=None, batch_size=16, max_new_tokens=64,
+def evaluate_policy(model, tokenizer, prompts, *, ref_model=None, pairs=None, batch_size=16, max_new_tokens=48,
                     seed=0, num_resamples=1000, progress=True) -> IFEvalReport:
     """IFEval numbers of ``model``'s greedy replies to ``prompts`` (IFEval rows: a Dataset or dicts); see the module
     docstring for every metric and interval."""
