@@ -316,43 +316,64 @@ def write_card(path: Path, build_report: dict, heldout: list[dict]) -> None:
 HELDOUT_PAIR_SEED_OFFSET = 1000
 
 
+PARTS = ("train", "heldout_pairs")
+
+
 def build(model, tokenizer, output_dir, *, model_name: str, num_train_prompts: int, num_heldout_prompts: int,
           num_heldout_pair_prompts: int, seed: int = 0, batch_size: int = 8, progress: bool = True,
-          **sampler) -> dict:
+          parts=PARTS, **sampler) -> dict:
     """Write ``ifeval_train.jsonl`` (pairs), ``ifeval_heldout.jsonl`` (prompts), ``ifeval_heldout_pairs.jsonl``
     (pairs sampled on the first ``num_heldout_pair_prompts`` held-out prompts), ``ifeval_build.json`` and
-    ``ifeval_card.md``."""
+    ``ifeval_card.md``. ``parts`` builds only some of the pair files (e.g. two processes in parallel, one part
+    each): their statistics are merged into ``ifeval_build.json`` (the settings must match) and the card is written
+    once both parts are there."""
+    import fcntl
+
     sampler = {**SAMPLER, **sampler}
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     heldout = make_prompts("heldout", num_heldout_prompts, seed)
     if num_heldout_pair_prompts > len(heldout):
         raise ValueError(f"num_heldout_pair_prompts ({num_heldout_pair_prompts}) > held-out prompts ({len(heldout)}).")
-    parts = {"train": (make_prompts("train", num_train_prompts, seed), seed),
-             "heldout_pairs": (heldout[:num_heldout_pair_prompts], seed + HELDOUT_PAIR_SEED_OFFSET)}
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        raise ValueError(f"parts: unknown {sorted(unknown)}; choose from {PARTS}.")
+    config = {"model": model_name, "seed": seed, "batch_size": batch_size, "device": str(model.device),
+              "torch": torch.__version__, "verifier": verifier_version(),
+              "num_train_prompts": num_train_prompts, "num_heldout_prompts": num_heldout_prompts,
+              "num_heldout_pair_prompts": num_heldout_pair_prompts, **sampler}
+    part_rows = {"train": (make_prompts("train", num_train_prompts, seed), seed),
+                 "heldout_pairs": (heldout[:num_heldout_pair_prompts], seed + HELDOUT_PAIR_SEED_OFFSET)}
     was_training = model.training
     model.eval()
-    report = {}
+    built = {}
     try:
-        for part, (rows, part_seed) in parts.items():
+        for part in parts:
+            rows, part_seed = part_rows[part]
             start = time.time()
             pairs, stats = build_pairs(model, tokenizer, rows, batch_size=batch_size, seed=part_seed,
                                        progress=progress, **sampler)
             stats["seconds"] = time.time() - start
             stats["pairs_per_instruction"] = dict(Counter(i for row in pairs for i in row["instruction_id_list"]))
             write_jsonl(pairs, output_dir / f"ifeval_{part}.jsonl")
-            report[part] = stats
+            built[part] = stats
     finally:
         model.train(was_training)
     write_jsonl(heldout, output_dir / "ifeval_heldout.jsonl")
-    report["files"] = {name: fingerprint(output_dir / name)
-                       for name in ("ifeval_train.jsonl", "ifeval_heldout.jsonl", "ifeval_heldout_pairs.jsonl")}
-    report["config"] = {"model": model_name, "seed": seed, "batch_size": batch_size, "device": str(model.device),
-                        "torch": torch.__version__, "verifier": verifier_version(),
-                        "num_train_prompts": num_train_prompts, "num_heldout_prompts": num_heldout_prompts,
-                        "num_heldout_pair_prompts": num_heldout_pair_prompts, **sampler}
-    (output_dir / "ifeval_build.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    write_card(output_dir / "ifeval_card.md", report, heldout)
+    report_path = output_dir / "ifeval_build.json"
+    with open(output_dir / ".ifeval_build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        report = json.loads(report_path.read_text()) if report_path.exists() and set(parts) != set(PARTS) else {}
+        if report and report["config"] != config:
+            raise ValueError(f"{report_path} was built with other settings ({report['config']}); build every part "
+                             f"with the same settings, or remove it.")
+        report.update(built, config=config)
+        if all(part in report for part in PARTS):
+            report["files"] = {name: fingerprint(output_dir / name) for name in
+                               ("ifeval_train.jsonl", "ifeval_heldout.jsonl", "ifeval_heldout_pairs.jsonl")}
+            write_card(output_dir / "ifeval_card.md", report, heldout)
+        report_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    (output_dir / ".ifeval_build.lock").unlink(missing_ok=True)
     return report
 
 
@@ -361,15 +382,17 @@ def main(argv=None) -> dict:
     parser.add_argument("--output_dir", default=str(DATA_DIR))
     parser.add_argument("--model", default="offline:smollm2-135m-instruct", help="offline:<name>, a folder or 'tiny'")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_train_prompts", type=int, default=48)
+    parser.add_argument("--num_train_prompts", type=int, default=24)
     parser.add_argument("--num_heldout_prompts", type=int, default=300)
-    parser.add_argument("--num_heldout_pair_prompts", type=int, default=16)
+    parser.add_argument("--num_heldout_pair_prompts", type=int, default=12)
     parser.add_argument("--num_samples", type=int, default=SAMPLER["num_samples"])
     parser.add_argument("--temperature", type=float, default=SAMPLER["temperature"])
     parser.add_argument("--top_p", type=float, default=SAMPLER["top_p"])
     parser.add_argument("--max_new_tokens", type=int, default=SAMPLER["max_new_tokens"])
-    parser.add_argument("--batch_size", type=int, default=8, help="prompts per generate call (× num_samples rows)")
+    parser.add_argument("--batch_size", type=int, default=12, help="prompts per generate call (× num_samples rows)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often faster when shared)")
+    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+                        help="pair files to build (run one part per process to use several cores)")
     cli = parser.parse_args(argv)
     if cli.threads:
         torch.set_num_threads(cli.threads)
@@ -380,8 +403,10 @@ def main(argv=None) -> dict:
     report = build(model, tokenizer, cli.output_dir, model_name=cli.model, num_train_prompts=cli.num_train_prompts,
                    num_heldout_prompts=cli.num_heldout_prompts, num_heldout_pair_prompts=cli.num_heldout_pair_prompts,
                    seed=cli.seed, batch_size=cli.batch_size, num_samples=cli.num_samples,
-                   temperature=cli.temperature, top_p=cli.top_p, max_new_tokens=cli.max_new_tokens)
-    print(Path(cli.output_dir, "ifeval_card.md").read_text())
+                   temperature=cli.temperature, top_p=cli.top_p, max_new_tokens=cli.max_new_tokens,
+                   parts=cli.parts)
+    card = Path(cli.output_dir, "ifeval_card.md")
+    print(card.read_text() if all(part in report for part in PARTS) else f"built {cli.parts}; card after all parts")
     print(f"built in {time.time() - start:.0f} s")
     return report
 

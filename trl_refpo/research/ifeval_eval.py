@@ -72,8 +72,8 @@ def load_ifeval_split(split: str):
         raise ValueError(f"split must be one of {sorted(SPLIT_FILES)}, got {split!r}.")
     path = DATA_DIR / SPLIT_FILES[split]
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    # kwargs differ in keys per instruction: kept as JSON-decoded dicts via a list column of strings would lose
-    # IFEval's layout, so the Dataset stores them as given (Arrow fills absent keys with None, which the judge drops)
+    # Arrow gives every kwargs dict every key seen in the file, None where unused: IFEval's own layout; the judge
+    # drops the None values
     return Dataset.from_list(rows)
 
 
