@@ -1,6 +1,6 @@
 """Main job: preference-train SmolLM2-135M-Instruct on IFEval-verified on-policy pairs, on CPU, and measure it.
 
-    python examples/main_job.py                                  # alpha_dpo, one epoch of the shipped pairs (see --help)
+    python examples/main_job.py                                  # alpha_dpo, 2 epochs of the shipped pairs (--help)
     python examples/main_job.py --loss_type epsilon_dpo           # any loss_type, same data and steps
     python examples/main_job.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # with hub access
 

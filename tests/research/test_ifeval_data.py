@@ -11,7 +11,8 @@ from trl_refpo.research.ifeval_judge import conflicts, judge
 from trl_refpo.testing import tiny_llama, tiny_tokenizer
 
 # commas, capitals and keywords in the vocabulary, so a random tiny model's samples pass some checks and fail others
-EXTRA_WORDS = [",", "very", "great", "simple", "warm", "BREAD", "IS", "*", "P.S.", "[day]", "Any", "other", "questions?"]
+EXTRA_WORDS = [",", "very", "great", "simple", "warm", "BREAD", "IS", "*", "P.S.", "[day]", "Any", "other",
+               "questions?"]
 
 
 def test_splits_share_no_base_task_and_heldout_is_balanced():
@@ -84,8 +85,8 @@ def test_another_seed_gives_other_samples(tmp_path):
     model = tiny_llama(tokenizer)
     rows = make_prompts("train", 4)
     kwargs = dict(num_samples=3, temperature=2.0, top_p=1.0, max_new_tokens=6, progress=False)
-    first = ifeval_data.generate_replies(model, tokenizer, [r["prompt"] for r in rows], do_sample=True, seed=0,
-                                         **{k: v for k, v in kwargs.items()})
-    again = ifeval_data.generate_replies(model, tokenizer, [r["prompt"] for r in rows], do_sample=True, seed=0, **kwargs)
-    other = ifeval_data.generate_replies(model, tokenizer, [r["prompt"] for r in rows], do_sample=True, seed=1, **kwargs)
+    prompts = [row["prompt"] for row in rows]
+    first = ifeval_data.generate_replies(model, tokenizer, prompts, do_sample=True, seed=0, **kwargs)
+    again = ifeval_data.generate_replies(model, tokenizer, prompts, do_sample=True, seed=0, **kwargs)
+    other = ifeval_data.generate_replies(model, tokenizer, prompts, do_sample=True, seed=1, **kwargs)
     assert first == again and first != other

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from trl_refpo.research.ifeval_data import make_prompts
 from trl_refpo.research.ifeval_eval import (

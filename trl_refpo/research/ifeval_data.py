@@ -174,7 +174,8 @@ def generate_replies(model, tokenizer, prompts: list[str], *, num_samples: int =
 
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    texts = [tokenizer.apply_chat_template(chat_messages(p), tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+             for prompt in prompts]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     replies = []
@@ -305,7 +306,8 @@ def write_card(path: Path, build_report: dict, heldout: list[dict]) -> None:
     rates = train["sample_pass_rate_per_instruction"]
     for instruction_id in INSTRUCTION_IDS:
         lines.append(
-            f"| `{instruction_id}` | {held_counts[instruction_id]} | {train['pairs_per_instruction'].get(instruction_id, 0)}"
+            f"| `{instruction_id}` | {held_counts[instruction_id]} "
+            f"| {train['pairs_per_instruction'].get(instruction_id, 0)}"
             f" | {held_pairs['pairs_per_instruction'].get(instruction_id, 0)} | "
             f"{rates.get(instruction_id, float('nan')):.3f} |"
         )

@@ -13,8 +13,8 @@ reports, each with a 95 % percentile-bootstrap interval over prompts (:func:`boo
   pairs. A pair whose ``key`` equals a prompt's key also sets that prompt's ``pair_correct``;
 * ``drift`` (when ``ref_model`` is given): per prompt, the mean over the policy's own greedy reply tokens (the
   generated ids before EOS) of
-  ``log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)`` (a per-token Monte-Carlo estimate of KL(π_θ‖π_ref) along
-  the policy's greedy path); the metric is the mean over prompts with a non-empty reply;
+  ``log π_θ(y_t | x, y_<t) − log π_ref(y_t | x, y_<t)`` (a per-token Monte-Carlo estimate of KL(π_θ‖π_ref)
+  along the policy's greedy path); the metric is the mean over prompts with a non-empty reply;
 * ``reply_tokens``: generated tokens before EOS, mean over prompts (length exploitation shows here).
 
 The model is put in a fast generation state for the call (:func:`generation_state`: eval mode, ``use_cache=True``,
@@ -203,8 +203,8 @@ def evaluate_policy(model, tokenizer, prompts, *, ref_model=None, pairs=None, ba
         pair_correct = None
         if pair_rows:
             prompts_ = [pair["prompt"] for pair in pair_rows]
-            chosen = token_logps(model, tokenizer, prompts_, [completion_ids(tokenizer, p["chosen"]) for p in pair_rows],
-                                 batch_size)
+            chosen = token_logps(model, tokenizer, prompts_,
+                                 [completion_ids(tokenizer, p["chosen"]) for p in pair_rows], batch_size)
             rejected = token_logps(model, tokenizer, prompts_,
                                    [completion_ids(tokenizer, p["rejected"]) for p in pair_rows], batch_size)
             pair_correct = [bool(c.sum() > r.sum()) for c, r in zip(chosen, rejected, strict=True)]
