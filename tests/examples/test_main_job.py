@@ -12,32 +12,21 @@ def test_main_job_runs_end_to_end_with_a_tiny_model(tmp_path):
     import main_job
 
     results = main_job.main(
-        ["--model", "tiny", "--max_steps", "2", "--num_eval_prompts", "6", "--max_new_tokens", "4",
-         "--output_dir", str(tmp_path)]
+        ["--model", "tiny", "--max_steps", "2", "--num_train", "8", "--num_eval_prompts", "6", "--max_new_tokens",
+         "4", "--num_resamples", "50", "--output_dir", str(tmp_path)]
     )
     assert len(results["loss"]) == 2 and all(loss == loss for loss in results["loss"])
     for stage in ("before", "after"):
-        rates = results[stage]["constraint_rates"]
-        assert set(rates) == {"arithmetic", "max_words", "lowercase", "comma_list", "end_word", "yes_no", "all"}
-        assert all(0.0 <= rate <= 1.0 for rate in rates.values())
-        assert set(results[stage]["ranking"]) == {"logps/accuracies", "rewards/accuracies"}
-        assert len(results[stage]["responses"]) == 6
-    for name in ("loss.png", "constraints.png", "results.json"):
+        metrics, intervals = results[stage]["metrics"], results[stage]["intervals"]
+        assert {"prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "pair_accuracy",
+                "reply_tokens"} <= set(metrics)
+        assert all(low <= metrics[key] <= high for key, (low, high) in intervals.items())
+        assert len(results[stage]["per_prompt"]) == 6
+    assert "drift" not in results["before"]["metrics"] and "drift" in results["after"]["metrics"]
+    assert results["after"]["metrics"]["drift"] != 0.0  # two steps at lr 1e-5 moved the tiny model a little
+    for name in ("loss.png", "ifeval.png", "results.json"):
         assert (tmp_path / name).stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["config"]["loss_type"] == "alpha_dpo"
-
-
-def test_constraint_rates_score_the_dataset_replies():
-    import main_job
-
-    from trl_refpo.research.constraint_tasks import constraint_splits
-
-    _, tasks = constraint_splits(num_train=6, num_eval=12, seed=0)
-    assert main_job.constraint_rates(tasks, [task.chosen for task in tasks])["all"] == 1.0
-    assert main_job.constraint_rates(tasks, [task.rejected for task in tasks])["all"] == 0.0
-    replies = [task.chosen if index % 4 == 0 else task.rejected for index, task in enumerate(tasks)]
-    mixed = main_job.constraint_rates(tasks, replies)
-    assert mixed["all"] == 0.25
 
 
 def test_missing_model_is_one_line_and_exit_code_2(tmp_path, capsys):
