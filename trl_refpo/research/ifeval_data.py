@@ -38,6 +38,7 @@ from typing import NamedTuple
 import torch
 
 from ..objectives.typo_completions import eos_token_ids
+from ..testing import tiny_llama, tiny_tokenizer
 from .ifeval_judge import build_checker, conflicts, judge, verifier_version
 from .offline_models import OfflineModelUnavailable, resolve_model_path
 
@@ -416,8 +417,6 @@ def main(argv=None) -> dict:
 def load_policy(name: str):
     """(model, tokenizer): ``tiny`` (a random tiny Llama built in code), ``offline:<name>`` or a local folder."""
     if name == "tiny":
-        from ..testing import tiny_llama, tiny_tokenizer
-
         tokenizer = tiny_tokenizer()
         return tiny_llama(tokenizer), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
