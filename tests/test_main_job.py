@@ -30,7 +30,7 @@ def test_main_job_runs_end_to_end_with_a_tiny_model(tmp_path):
 def test_constraint_rates_score_the_dataset_replies():
     import main_job
 
-    from trl_refpo.constraint_tasks import constraint_splits
+    from trl_refpo.research.constraint_tasks import constraint_splits
 
     _, tasks = constraint_splits(num_train=6, num_eval=12, seed=0)
     assert main_job.constraint_rates(tasks, [task.chosen for task in tasks])["all"] == 1.0

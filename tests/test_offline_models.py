@@ -4,8 +4,8 @@ import importlib.util
 
 import pytest
 
-from trl_refpo import offline_models
-from trl_refpo.offline_models import OfflineModelUnavailable, resolve_model_path
+from trl_refpo.research import offline_models
+from trl_refpo.research.offline_models import OfflineModelUnavailable, resolve_model_path
 
 
 def _hide_packages(monkeypatch, *names):

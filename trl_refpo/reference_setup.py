@@ -36,7 +36,7 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id
 
 from .data import FLOAT_COLUMNS
 from .objectives import build_objectives
-from .offline_models import resolve_model_path
+from .research.offline_models import resolve_model_path
 from .reference import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text_reference import TextReference
 

@@ -16,8 +16,8 @@
 # (`alpha_dpo`, `simpo`, `flex_dpo`, `beta_dpo`, `epsilon_dpo`, `probability`, `likelihood`, `typo`) next to every
 # TRL loss type (`sigmoid`, `ipo`, `hinge`, `sft`, …).
 #
-# This notebook trains SmolLM2-135M-Instruct (converted offline from a PyPI package, `trl_refpo.offline_models`)
-# on the main job's rule-checked instructions (`trl_refpo.constraint_tasks`: "reply with only the number",
+# This notebook trains SmolLM2-135M-Instruct (converted offline from a PyPI package, `trl_refpo.research.offline_models`)
+# on the main job's rule-checked instructions (`trl_refpo.research.constraint_tasks`: "reply with only the number",
 # "at most 3 words", "lowercase only", "separated by commas", "end with the word …", "yes or no") with three loss
 # types — TRL's `sigmoid` (DPO), `alpha_dpo` and `epsilon_dpo` — and measures on **held-out** prompts:
 #
@@ -54,7 +54,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from notebook_utils import constraint_data, constraint_satisfaction, load_model, logged, save_figure, train_copy
-from trl_refpo.constraint_tasks import KINDS
+from trl_refpo.research.constraint_tasks import KINDS
 
 model, tokenizer = load_model(MODEL)
 print(f"{type(model).__name__}: {sum(p.numel() for p in model.parameters()):,} parameters, "

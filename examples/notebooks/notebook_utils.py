@@ -1,10 +1,10 @@
 """Small helpers shared by the notebooks in this folder (kept here so every notebook cell stays short).
 
-* :func:`load_model` — ``"offline:<name>"`` (the real small models of :mod:`trl_refpo.offline_models`), a
+* :func:`load_model` — ``"offline:<name>"`` (the real small models of :mod:`trl_refpo.research.offline_models`), a
   local model folder, or for the tests ``"tiny"`` (a random Llama and a WordLevel tokenizer built in code:
   offline, seconds) and ``"tiny-bpe"`` (the same with a different, BPE tokenizer). A model that cannot be found
   raises :class:`NotebookSetupError`, which Jupyter shows as ONE line (no traceback).
-* :func:`constraint_data` — the main job's rule-checked constraint tasks (``trl_refpo.constraint_tasks``) as
+* :func:`constraint_data` — the main job's rule-checked constraint tasks (``trl_refpo.research.constraint_tasks``) as
   train / held-out preference datasets; :func:`constraint_satisfaction` scores greedy replies by the rules.
 * :func:`train_copy` — a ``DPOTrainer`` on a copy of the policy with :func:`cpu_config`'s fields (CPU, no
   checkpoints, logging every step), trained; :func:`logged` reads a metric's values per step.
@@ -30,8 +30,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  #
 
 from trl_refpo import DPOConfig, DPOTrainer  # noqa: E402
 from trl_refpo.cli import RecipeError, check_model_path  # noqa: E402
-from trl_refpo.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
-from trl_refpo.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable  # noqa: E402
+from trl_refpo.research.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
+from trl_refpo.research.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable  # noqa: E402
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

@@ -6,7 +6,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from ..offline_models import resolve_model_path
+from ..research.offline_models import resolve_model_path
 from .errors import RecipeError
 
 DEEPSPEED_INSTALL = 'pip install "trl-refpo[deepspeed]"'

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from trl import DPOTrainer as _TRLDPOTrainer
 
-from ..offline_models import resolve_model_path
+from ..research.offline_models import resolve_model_path
 from ..text_reference import TextReference
 from ..trainer import RefPOTrainer
 from .checks import check_model_path, check_required_packages, check_tokenizer_path
