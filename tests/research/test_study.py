@@ -53,7 +53,7 @@ def study_dir(tmp_path_factory):
     save_tiny_llama(folder / "model", tiny_tokenizer())
     toy_preference_dataset(8, conversational=True).to_json(str(folder / "train.jsonl"))
     (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
-    pairs = toy_preference_dataset(4, seed=1)
+    pairs = toy_preference_dataset(4, seed=1)  # plain strings, as the IFEval held-out pairs
     (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
     return folder
 
@@ -93,8 +93,8 @@ def test_study_runs_resumes_and_reruns_a_changed_arm(study_dir, tmp_path):
 
     fake_evaluate.calls.clear()
     resumed = run_study(path, out, evaluate=fake_evaluate, progress=False)
-    assert [(r["arm"], r["seed"]) for r in resumed] == [("dpo", 1), ("flex", 0), ("flex", 1)]
-    assert fake_evaluate.calls == [1, 0, 1]  # the finished (dpo, 0) did not run again
+    assert [(r["arm"], r["seed"]) for r in resumed] == [("flex", 0), ("dpo", 1), ("flex", 1)]  # seed-major
+    assert fake_evaluate.calls == [0, 1, 1]  # the finished (dpo, 0) did not run again
     runs = read_runs(out)
     assert len(runs) == 4 and len({r["config_hash"] for r in runs}) == 4
     record = runs[-1]
@@ -213,3 +213,21 @@ def test_pending_runs_uses_the_config_hash(study_dir):
     assert study.config_hash(arm, 0) != study.config_hash(arm, 1)
     assert study.config_hash(arm, 0) == parse_study(study_data(), base_dir=study_dir).config_hash(arm, 0)
     assert len(pending_runs(study, study_dir / "nothing-here")) == 4
+
+
+def test_default_evaluation_is_evaluate_policy(study_dir, tmp_path):
+    """One tiny run through the real IFEval evaluation (generation, judge, drift, held-out pairs)."""
+    pytest.importorskip("if_verifiable")
+    rows = [{"key": f"p{index}", "prompt": f"sort : {letters}", "instruction_id_list": ["change_case:english_lowercase"],
+             "kwargs": [{}]} for index, letters in enumerate(["b a", "c a b"])]
+    (study_dir / "ifeval_rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = study_data()
+    data["arms"], data["seeds"] = data["arms"][:1], [0]
+    data["evaluation"] = {"prompts": "ifeval_rows.jsonl", "pairs": "pairs.jsonl", "max_new_tokens": 3,
+                          "num_resamples": 20}
+    (record,) = run_study(write_study(study_dir, data, "real.yaml"), tmp_path / "real", progress=False)
+    assert [row["key"] for row in record["per_prompt"]] == ["p0", "p1"]
+    assert all(len(row["strict"]) == 1 and row["reply_tokens"] <= 3 for row in record["per_prompt"])
+    expected = np.mean([all(row["strict"]) for row in record["per_prompt"]])
+    assert record["metrics"]["prompt_strict"] == pytest.approx(expected)
+    assert {"pair_accuracy", "drift", "reply_tokens"} <= set(record["metrics"])

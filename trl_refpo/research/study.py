@@ -204,9 +204,12 @@ def read_runs(output_dir) -> list[dict]:
 
 
 def pending_runs(study: Study, output_dir) -> list[tuple[Arm, int]]:
-    """The (arm, seed) pairs without a line in ``runs.jsonl`` at their current config hash."""
+    """The (arm, seed) pairs without a line in ``runs.jsonl`` at their current config hash, seed-major (every arm's
+    first seed, then every arm's second, ...), so a study cut short has every arm."""
     done = {(run["arm"], run["seed"], run["config_hash"]) for run in read_runs(output_dir)}
-    return [(arm, seed) for arm in study.arms for seed in arm.seeds
+    order = [(position, index, arm, seed) for index, arm in enumerate(study.arms)
+             for position, seed in enumerate(arm.seeds)]
+    return [(arm, seed) for _, _, arm, seed in sorted(order, key=lambda item: item[:2])
             if (arm.name, seed, study.config_hash(arm, seed)) not in done]
 
 
@@ -248,8 +251,13 @@ def _pairs_logps(trainer, pairs) -> dict[str, float]:
     """Mean summed log-probs of y_w and y_l on the held-out pairs, and TRL's accuracies (``trainer.evaluate``)."""
     from datasets import Dataset
 
-    columns = {"prompt": [p["prompt"] for p in pairs], "chosen": [p["chosen"] for p in pairs],
-               "rejected": [p["rejected"] for p in pairs]}
+    def message(role, text):
+        return [{"role": role, "content": text}]
+
+    # as the evaluation renders them: the prompt as one user message, the reply as the assistant's
+    columns = {"prompt": [message("user", p["prompt"]) for p in pairs],
+               "chosen": [message("assistant", p["chosen"]) for p in pairs],
+               "rejected": [message("assistant", p["rejected"]) for p in pairs]}
     dataset = trainer._prepare_dataset(Dataset.from_dict(columns), trainer.processing_class, trainer.args, "eval")
     metrics = trainer.evaluate(eval_dataset=dataset)
     wanted = {"eval_logps/chosen": "logps_chosen", "eval_logps/rejected": "logps_rejected",
