@@ -143,6 +143,15 @@ def test_cli_study_report_and_bad_input(study_dir, tmp_path, capsys, monkeypatch
     assert "has no study.yaml" in capsys.readouterr().err
 
 
+def test_missing_reference_folder_names_the_arm_before_training(study_dir, tmp_path):
+    data = study_data()
+    data["arms"][1]["ref_model_name_or_path"] = "sft_reference"
+    with pytest.raises(StudyError) as caught:
+        run_study(write_study(study_dir, data, "missing.yaml"), tmp_path / "out", evaluate=fake_evaluate)
+    assert str(caught.value).startswith("arm 'flex': ref_model_name_or_path 'sft_reference'")
+    assert "build_sft_reference.py" in str(caught.value) and read_runs(tmp_path / "out") == []
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

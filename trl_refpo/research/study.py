@@ -182,13 +182,50 @@ def _check_arm_recipe(study: Study, arm: Arm) -> None:
             raise StudyError(f"arm {arm.name!r}: {text}") from error
 
 
+MODEL_KEYS = ("model_name_or_path", "ref_model_name_or_path")
+TOKENIZER_KEYS = ("ref_tokenizer_name_or_path", "tokenizer_name_or_path")
+
+
+def check_sources(study: Study, arms) -> None:
+    """Every model, tokenizer and local dataset file the pending arms name exists: one line naming the arm before
+    any run trains (a missing reference folder would otherwise fail only when its arm's turn comes)."""
+    from ..cli.checks import check_model_path, check_tokenizer_path
+
+    checked = set()
+    for arm in arms:
+        recipe = study.run_recipe(arm, arm.seeds[0])
+        for key in MODEL_KEYS + TOKENIZER_KEYS + ("dataset_name",):
+            value = recipe.get(key)
+            if not isinstance(value, str) or (key, value) in checked:
+                continue
+            resolved = _resolve(study, value)
+            try:
+                if key == "dataset_name":
+                    if Path(value).suffix in (".json", ".jsonl", ".csv", ".parquet") and not Path(resolved).is_file():
+                        raise ValueError(f"dataset_name {value!r}: no such file (relative to the study file).")
+                elif key in MODEL_KEYS:
+                    check_model_path(resolved, key=key)
+                else:
+                    check_tokenizer_path(resolved, key=key)
+            except ValueError as error:
+                hint = " (examples/study/build_sft_reference.py builds it)" if "sft_reference" in value else ""
+                raise StudyError(f"arm {arm.name!r}: {' '.join(str(error).split())}{hint}") from error
+            checked.add((key, value))
+
+
+def _resolve(study: Study, value: str) -> str:
+    """A path relative to the study file, when it exists there; anything else (offline:, hub ids) as written."""
+    if value.startswith("offline:") or not (study.base_dir / value).exists():
+        return value
+    return str((study.base_dir / value).resolve())
+
+
 def _write_recipe(study: Study, arm: Arm, seed: int, folder: Path) -> str:
     recipe = study.run_recipe(arm, seed)
     recipe["output_dir"] = str(folder / "trainer")
-    for key in ("dataset_name", "model_name_or_path", "ref_model_name_or_path", "ref_tokenizer_name_or_path"):
-        value = recipe.get(key)
-        if isinstance(value, str) and not value.startswith("offline:") and (study.base_dir / value).exists():
-            recipe[key] = str((study.base_dir / value).resolve())
+    for key in ("dataset_name", *MODEL_KEYS, *TOKENIZER_KEYS):
+        if isinstance(recipe.get(key), str):
+            recipe[key] = _resolve(study, recipe[key])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=True))
@@ -363,6 +400,7 @@ def run_study(study: Study | str | os.PathLike, output_dir, *, evaluate=None, jo
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     save_study(study, output_dir)
     todo = pending_runs(study, output_dir)
+    check_sources(study, {arm.name: arm for arm, _ in todo}.values())
     records = []
     bar = tqdm(total=len(todo), desc="study runs", disable=not progress)
     if jobs > 1 and todo:
