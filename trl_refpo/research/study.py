@@ -371,7 +371,8 @@ STUDY_COPY = "study.yaml"
 def save_study(study: Study, output_dir) -> None:
     """The study as run, for ``trl-refpo study report DIR`` (relative paths resolved against the original file)."""
     text = yaml.safe_dump({**study.raw, "recipe": study.recipe}, sort_keys=False)
-    header = f"# copied by `trl-refpo study`; relative paths are relative to {study.base_dir.name}/ of the original\n"
+    header = ("# The study as `trl-refpo study` ran it, read by `trl-refpo study report`. Its relative paths are "
+              "relative to the original file: run the original, not this copy.\n")
     (Path(output_dir) / STUDY_COPY).write_text(header + text)
 
 
