@@ -81,6 +81,7 @@ __all__ = [
 
 
 USAGE = f"""usage: trl-refpo dpo --config recipe.yaml [--key value ...] [accelerate launch options]
+       trl-refpo study CONFIG.yaml --output_dir DIR | trl-refpo study report DIR
 
 Train with trl-refpo's DPOTrainer from an alignment-handbook DPO recipe (see `{PROG} --help` for every key).
 Launch options (e.g. --accelerate_config zero2 --num_processes 2) run it under `accelerate launch`."""
@@ -92,8 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
+    if command == "study":
+        from .study import main as study_main
+
+        return study_main(rest, DEBUG_ENV)
     if command != "dpo":
-        print(f"trl-refpo: error: unknown command {command!r}; the only command is 'dpo'.\n{USAGE}", file=sys.stderr)
+        print(f"trl-refpo: error: unknown command {command!r}; the commands are 'dpo' and 'study'.\n{USAGE}",
+              file=sys.stderr)
         return 2
     debug = _pop_debug_flag(rest) or bool(os.environ.get(DEBUG_ENV))
     try:

@@ -1,0 +1,242 @@
+"""The study runner: a tiny 2-arm × 2-seed study, resume, a changed arm, the report's maths, bad input."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import yaml
+
+from trl_refpo.research import study as study_module
+from trl_refpo.research.study import (
+    NO_DIFFERENCE, StudyError, bootstrap_over_seeds_and_prompts, current_runs, load_study, parse_study,
+    pending_runs, read_runs, run_study, summarise, write_report,
+)
+from trl_refpo.testing import save_tiny_llama, tiny_tokenizer, toy_preference_dataset
+
+PROMPTS = [{"key": index, "prompt": f"sort : {' '.join(letters)}", "instruction_id_list": ["fake:has_a"],
+            "kwargs": [{}]} for index, letters in enumerate(["b a", "c a b", "d c", "a b c d"])]
+
+
+def fake_evaluate(model, tokenizer, prompts, *, ref_model=None, pairs=None, seed=0, **_):
+    """A stand-in for evaluate_policy: "follows" when the greedy first token of the reply is a letter a–d."""
+    import torch
+
+    per_prompt, calls = [], fake_evaluate.calls
+    calls.append(seed)
+    for row in prompts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            token = model(torch.tensor([ids], device=model.device)).logits[0, -1].argmax().item()
+        ok = tokenizer.convert_ids_to_tokens(token) in list("abcd")
+        per_prompt.append({"key": row["key"], "instruction_id_list": row["instruction_id_list"], "strict": [ok],
+                           "loose": [ok], "reply_tokens": 1, "drift": 0.0 if ref_model is not None else None,
+                           "pair_correct": None, "reply": ""})
+    share = float(np.mean([p["strict"][0] for p in per_prompt]))
+    metrics = {"prompt_strict": share, "instruction_strict": share, "reply_tokens": 1.0}
+    if ref_model is not None:
+        metrics["drift"] = 0.0
+    return SimpleNamespace(metrics=metrics,
+                           intervals={"prompt_strict": (share, share)}, per_instruction={"fake:has_a": share},
+                           per_prompt=per_prompt)
+
+
+fake_evaluate.calls = []
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    save_tiny_llama(folder / "model", tiny_tokenizer())
+    toy_preference_dataset(8, conversational=True).to_json(str(folder / "train.jsonl"))
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(row) + "\n" for row in PROMPTS))
+    pairs = toy_preference_dataset(4, seed=1)  # plain strings, as the IFEval held-out pairs
+    (folder / "pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in pairs))
+    return folder
+
+
+def study_data(**arm_changes):
+    return {
+        "recipe": {"model_name_or_path": "model", "dataset_name": "train.jsonl", "max_steps": 2,
+                   "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 64, "bf16": False,
+                   "report_to": [], "logging_steps": 1, "use_cpu": True},
+        "evaluation": {"prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "max_new_tokens": 4},
+        "seeds": [0, 1],
+        "baseline": "dpo",
+        "arms": [{"name": "dpo", "loss_type": "sigmoid", "beta": 0.1},
+                 {"name": "flex", "loss_type": "flex_dpo", "beta_chosen": 0.1, "beta_rejected": 0.05, **arm_changes}],
+    }
+
+
+def write_study(folder, data, name="study.yaml"):
+    path = folder / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_study_runs_resumes_and_reruns_a_changed_arm(study_dir, tmp_path):
+    out = tmp_path / "out"
+    path = write_study(study_dir, study_data())
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first(record):
+        raise Killed  # the process dies right after writing the first finished run
+
+    with pytest.raises(Killed):
+        run_study(path, out, evaluate=fake_evaluate, after_run=kill_after_first, progress=False)
+    assert [(r["arm"], r["seed"]) for r in read_runs(out)] == [("dpo", 0)]
+
+    fake_evaluate.calls.clear()
+    resumed = run_study(path, out, evaluate=fake_evaluate, progress=False)
+    assert [(r["arm"], r["seed"]) for r in resumed] == [("flex", 0), ("dpo", 1), ("flex", 1)]  # seed-major
+    assert fake_evaluate.calls == [0, 1, 1]  # the finished (dpo, 0) did not run again
+    runs = read_runs(out)
+    assert len(runs) == 4 and len({r["config_hash"] for r in runs}) == 4
+    record = runs[-1]
+    assert record["loss_type"] == "flex_dpo" and record["config"]["beta_rejected"] == 0.05
+    assert record["wall_seconds"] > record["train_seconds"] > 0 and record["device"].startswith(("cpu", "cuda"))
+    assert len(record["per_prompt"]) == 4 and record["metrics"]["drift"] == 0.0
+    # held-out pairs scored by the trainer before and after training: the change is after − before
+    assert record["metrics"]["heldout_logps_chosen_change"] != 0.0
+    assert np.isfinite(record["metrics"]["heldout_logps_rejected"])
+    assert "train/loss" in record["metrics"]
+
+    assert run_study(path, out, evaluate=fake_evaluate, progress=False) == []  # complete: nothing reruns
+
+    changed = write_study(study_dir, study_data(beta_rejected=0.02))
+    rerun = run_study(changed, out, evaluate=fake_evaluate, progress=False)
+    assert [(r["arm"], r["seed"]) for r in rerun] == [("flex", 0), ("flex", 1)]
+    study = load_study(changed)
+    current = current_runs(study, read_runs(out))
+    assert {seed: run["config"]["beta_rejected"] for seed, run in current["flex"].items()} == {0: 0.02, 1: 0.02}
+
+    summary = write_report(load_study(out / "study.yaml"), out, num_resamples=50)
+    text = summary.read_text()
+    assert "4 of 4 runs finished" in text and "| flex |" in text and (out / "figures" / "prompt_strict.png").exists()
+
+
+def test_cli_study_report_and_bad_input(study_dir, tmp_path, capsys, monkeypatch):
+    from trl_refpo.cli import main
+
+    out = tmp_path / "cli"
+    path = write_study(study_dir, study_data(loss_type="flex_dpoo"), "bad.yaml")
+    assert main(["study", str(path), "--output_dir", str(out)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("trl-refpo study: error: arm 'flex': Unknown loss_type ['flex_dpoo']")
+    assert "\n" not in error and not out.exists()  # nothing ran
+
+    monkeypatch.setattr(study_module, "run_one", lambda study, arm, seed, output_dir, evaluate=None: {
+        "arm": arm.name, "seed": seed, "config_hash": study.config_hash(arm, seed), "wall_seconds": 1.0,
+        "device": "cpu", "metrics": {"prompt_strict": float(seed)}, "per_prompt": [
+            {"key": 0, "strict": [bool(seed)], "loose": [True], "reply_tokens": 1}]})
+    good = write_study(study_dir, study_data(), "good.yaml")
+    assert main(["study", str(good), "--output_dir", str(out)]) == 0
+    assert len(read_runs(out)) == 4
+    assert main(["study", "report", str(out)]) == 0
+    assert "| dpo | 0.500 [" in (out / "summary.md").read_text()
+    assert main(["study", "report", str(tmp_path)]) == 2
+    assert "has no study.yaml" in capsys.readouterr().err
+
+
+def test_missing_reference_folder_names_the_arm_before_training(study_dir, tmp_path):
+    data = study_data()
+    data["arms"][1]["ref_model_name_or_path"] = "sft_reference"
+    with pytest.raises(StudyError) as caught:
+        run_study(write_study(study_dir, data, "missing.yaml"), tmp_path / "out", evaluate=fake_evaluate)
+    assert str(caught.value).startswith("arm 'flex': ref_model_name_or_path 'sft_reference'")
+    assert "build_sft_reference.py" in str(caught.value) and read_runs(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"arms": [{"name": "dpo", "loss_type": "sigmoid"}, {"name": "x", "loss_type": "nope"}]},
+         "arm 'x': Unknown loss_type ['nope']"),
+        ({"arms": [{"name": "dpo"}, {"name": "x", "loss_type": "flex_dpo", "beta_rejectd": 0.1}]},
+         "arm 'x': Unknown key(s) in its recipe: beta_rejectd (did you mean beta_rejected?)"),
+        ({"arms": [{"name": "dpo"}, {"name": "dpo", "beta": 0.5}]}, "arm 'dpo': duplicate arm name"),
+        ({"arms": [{"name": "dpo", "seeds": [0]}, {"name": "x", "seeds": [0, 1, 2]}]},
+         "arm 'x': seeds [1, 2] are missing for the baseline arm 'dpo'"),
+        ({"arms": [{"name": "dpo"}, {"name": "x", "seed": 3}]}, "arm 'x': `seed` / `output_dir` are set by the study"),
+        ({"baseline": "nope"}, "baseline 'nope' is not an arm"),
+    ],
+)
+def test_bad_study_names_the_arm(change, message):
+    with pytest.raises(StudyError) as caught:
+        parse_study({**study_data(), **change})
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_intervals_and_paired_differences_by_hand():
+    arm = [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]       # seed 0, seed 1; three prompts
+    base = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    estimate, low, high = bootstrap_over_seeds_and_prompts(arm, seed=3, num_resamples=200)
+    assert estimate == pytest.approx(0.5)          # (2/3 + 1/3) / 2
+    diff, d_low, d_high = bootstrap_over_seeds_and_prompts(arm, base, seed=3, num_resamples=200)
+    assert diff == pytest.approx(1 / 3)            # 0.5 − (1/3 + 0) / 2
+
+    # the documented resampling, written out: seeds drawn first, then one prompt draw shared by the drawn seeds
+    rng = np.random.default_rng(3)
+    seed_draws, prompt_draws = rng.integers(0, 2, (200, 2)), rng.integers(0, 3, (200, 3))
+    a, b = np.array(arm), np.array(base)
+    stats = [np.mean([a[s][p].mean() for s in ss]) for ss, p in zip(seed_draws, prompt_draws)]
+    diffs = [np.mean([(a[s][p] - b[s][p]).mean() for s in ss]) for ss, p in zip(seed_draws, prompt_draws)]
+    assert (low, high) == pytest.approx(tuple(np.quantile(stats, [0.025, 0.975])))
+    assert (d_low, d_high) == pytest.approx(tuple(np.quantile(diffs, [0.025, 0.975])))
+    assert 0 <= d_low < d_high <= 2 / 3 + 1e-12
+
+    # pooled instruction-level accuracy: followed / all instructions of the chosen prompts
+    pooled = [[[True, False], [True], [False]]]
+    assert bootstrap_over_seeds_and_prompts(pooled, num_resamples=10)[0] == pytest.approx(2 / 4)
+
+
+def test_summarise_verdicts_on_fixed_runs():
+    def run(arm, seed, strict):
+        return {"arm": arm, "seed": seed, "metrics": {"prompt_strict": float(np.mean(strict)), "drift": 0.1 * seed},
+                "per_prompt": [{"key": k, "strict": [s], "loose": [s], "reply_tokens": 1, "drift": 0.1 * seed}
+                               for k, s in enumerate(strict)]}
+
+    follows = [True] * 8
+    misses = [False] * 8
+    runs = {"base": {0: run("base", 0, misses), 1: run("base", 1, misses)},
+            "good": {0: run("good", 0, follows), 1: run("good", 1, follows)},
+            "same": {0: run("same", 0, misses), 1: run("same", 1, misses)}}
+    rows = {(r["arm"], r["metric"]): r for r in summarise(runs, "base", ["prompt_strict", "drift"], num_resamples=100)}
+    good = rows[("good", "prompt_strict")]
+    assert (good["mean"], good["low"], good["high"]) == (1.0, 1.0, 1.0)
+    assert (good["diff"], good["diff_low"], good["diff_high"], good["verdict"]) == (1.0, 1.0, 1.0, "better")
+    assert rows[("same", "prompt_strict")]["verdict"] == NO_DIFFERENCE
+    assert rows[("same", "drift")]["diff"] == 0.0 and "diff" not in rows[("base", "prompt_strict")]
+    assert rows[("base", "drift")]["mean"] == pytest.approx(0.05)  # mean over seeds of the per-prompt drift
+
+
+def test_pending_runs_uses_the_config_hash(study_dir):
+    study = parse_study(study_data(), base_dir=study_dir)
+    arm = study.arm("flex")
+    assert study.config_hash(arm, 0) != study.config_hash(arm, 1)
+    assert study.config_hash(arm, 0) == parse_study(study_data(), base_dir=study_dir).config_hash(arm, 0)
+    assert len(pending_runs(study, study_dir / "nothing-here")) == 4
+
+
+def test_default_evaluation_is_evaluate_policy(study_dir, tmp_path):
+    """One tiny run through the real IFEval evaluation (generation, judge, drift, held-out pairs)."""
+    pytest.importorskip("if_verifiable")
+    rows = [{"key": f"p{index}", "prompt": f"sort : {letters}", "instruction_id_list": ["change_case:english_lowercase"],
+             "kwargs": [{}]} for index, letters in enumerate(["b a", "c a b"])]
+    (study_dir / "ifeval_rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = study_data()
+    data["arms"], data["seeds"] = data["arms"][:1], [0]
+    data["evaluation"] = {"prompts": "ifeval_rows.jsonl", "pairs": "pairs.jsonl", "max_new_tokens": 3,
+                          "num_resamples": 20}
+    (record,) = run_study(write_study(study_dir, data, "real.yaml"), tmp_path / "real", progress=False)
+    assert [row["key"] for row in record["per_prompt"]] == ["p0", "p1"]
+    assert all(len(row["strict"]) == 1 and row["reply_tokens"] <= 3 for row in record["per_prompt"])
+    expected = np.mean([all(row["strict"]) for row in record["per_prompt"]])
+    assert record["metrics"]["prompt_strict"] == pytest.approx(expected)
+    assert {"pair_accuracy", "drift", "reply_tokens"} <= set(record["metrics"])
