@@ -54,6 +54,7 @@ def wing(module: str) -> str:
         ("objectives", ("reference", "heads", "trainer", "config", "research", "cli")),
         ("heads", ("reference", "objectives", "trainer", "config", "research", "cli")),
         ("reference", ("objectives", "research", "trainer", "config", "cli")),
+        ("research", ("cli",)),
     ],
 )
 def test_wings_import_down_only(importer, forbidden):
@@ -73,9 +74,10 @@ def test_only_cli_and_research_import_research():
 
 
 def test_no_function_level_import_of_the_package():
-    """A function-level import of our own module is how a cycle gets hidden; there are none."""
+    """A function-level import of our own module is how a cycle gets hidden. The only ones are the CLI's dispatch to
+    a subcommand's module, loaded on demand (``trl-refpo study`` needs the research extra, ``trl-refpo dpo`` does not)."""
     hidden = [(module, target) for module, targets in MODULES.items() for target, inside in targets if inside]
-    assert hidden == []
+    assert set(hidden) == {("trl_refpo.cli", "trl_refpo.cli.study"), ("trl_refpo.cli.study", "trl_refpo.cli.study_runner")}
 
 
 def test_import_loads_no_matplotlib_and_no_research_code():

@@ -1,4 +1,4 @@
-"""``trl-refpo study``: a seeded comparison of arms (see :mod:`trl_refpo.research.study`).
+"""``trl-refpo study``: a seeded comparison of arms (see :mod:`trl_refpo.cli.study_runner`).
 
 ::
 
@@ -22,7 +22,7 @@ USAGE = f"""usage: {PROG} CONFIG.yaml --output_dir DIR [--jobs N] [--debug]
 
 
 def main(argv: list[str], debug_env: str = "TRL_REFPO_DEBUG") -> int:
-    from ..research.study import StudyError, load_study, run_study, write_report
+    from .study_runner import StudyError, load_study, run_study, write_report
 
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + __doc__.split("::")[0].strip())
@@ -63,7 +63,7 @@ def main(argv: list[str], debug_env: str = "TRL_REFPO_DEBUG") -> int:
 
 
 def _study_copy(directory) -> Path:
-    from ..research.study import STUDY_COPY, StudyError
+    from .study_runner import STUDY_COPY, StudyError
 
     path = Path(directory) / STUDY_COPY
     if not path.is_file():

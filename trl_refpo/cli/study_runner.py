@@ -64,6 +64,13 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from .. import __version__
+from ..research.ifeval_eval import evaluate_policy, load_ifeval_split
+from ..research.offline_models import resolve_model_path
+from .checks import check_model_path, check_tokenizer_path
+from .parsing import parse_recipe
+from .run import build_trainer
+
 RUNS_FILE = "runs.jsonl"
 SUMMARY_FILE = "summary.md"
 STUDY_KEYS = {"recipe", "evaluation", "seeds", "baseline", "arms"}
@@ -171,8 +178,6 @@ def parse_study(data: dict, base_dir=".") -> Study:
 
 
 def _check_arm_recipe(study: Study, arm: Arm) -> None:
-    from ..cli.parsing import parse_recipe
-
     with tempfile.TemporaryDirectory() as folder:
         try:
             parse_recipe(["--config", _write_recipe(study, arm, arm.seeds[0], Path(folder))])
@@ -189,8 +194,6 @@ TOKENIZER_KEYS = ("ref_tokenizer_name_or_path", "tokenizer_name_or_path")
 def check_sources(study: Study, arms) -> None:
     """Every model, tokenizer and local dataset file the pending arms name exists: one line naming the arm before
     any run trains (a missing reference folder would otherwise fail only when its arm's turn comes)."""
-    from ..cli.checks import check_model_path, check_tokenizer_path
-
     checked = set()
     for arm in arms:
         recipe = study.run_recipe(arm, arm.seeds[0])
@@ -260,8 +263,6 @@ def _evaluation_rows(study: Study, key: str):
             raise StudyError(f"evaluation.{key}: file {str(path)!r} does not exist.")
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     else:
-        from .ifeval_eval import load_ifeval_split
-
         rows = [dict(row) for row in load_ifeval_split(str(source))]
     return rows
 
@@ -306,12 +307,9 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
     """Train one (arm, seed) with ``trl-refpo dpo``'s trainer and evaluate it; the JSON record of the run."""
     import torch
 
-    from .. import __version__
-    from ..cli.parsing import parse_recipe
-    from ..cli.run import build_trainer
 
     if evaluate is None:
-        from .ifeval_eval import evaluate_policy as evaluate
+        evaluate = evaluate_policy
     run_dir = Path(output_dir) / "runs" / f"{arm.name}-seed{seed}"
     prompts, pairs = evaluation_prompts(study), _evaluation_rows(study, "pairs")
     start = time.perf_counter()
@@ -360,8 +358,6 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
 
 
 def _initial_policy_path(parsed) -> str:
-    from ..cli.run import resolve_model_path
-
     return resolve_model_path(parsed.model_args.model_name_or_path)
 
 

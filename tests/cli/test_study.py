@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import yaml
 
-from trl_refpo.research import study as study_module
-from trl_refpo.research.study import (
+from trl_refpo.cli import study_runner as study_module
+from trl_refpo.cli.study_runner import (
     NO_DIFFERENCE, StudyError, bootstrap_over_seeds_and_prompts, current_runs, load_study, parse_study,
     pending_runs, read_runs, run_study, summarise, write_report,
 )
