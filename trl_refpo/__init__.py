@@ -4,6 +4,12 @@
 ``loss_type`` also selects the objectives in :mod:`trl_refpo.losses`.
 """
 
+__version__ = "0.2.0"
+
+from .version_guard import check_installed_versions
+
+check_installed_versions(__version__)  # before anything imports TRL's internals: one line instead of a deep error
+
 from . import controllers, losses
 from .config import RefPOConfig
 from .objectives import OBJECTIVES, Objective, register_objective
@@ -12,8 +18,6 @@ from .trl_losses import TRL_LOSS_TYPES
 
 DPOConfig = RefPOConfig
 DPOTrainer = RefPOTrainer
-
-__version__ = "0.1.0"
 
 
 def available_loss_types() -> list[str]:
