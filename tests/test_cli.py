@@ -394,7 +394,7 @@ def test_cpu_quickstart_recipe_runs_as_is_offline():
     assert recipe["use_cpu"] is True
     rows = [json.loads(line) for line in (ROOT / recipe["dataset_mixture"]["datasets"][0]["id"]).read_text().splitlines()]
     assert len(rows) == 64 and {"prompt", "chosen", "rejected"} == set(rows[0])
-    assert recipe["dataset_mixture"]["test_split_size"] == 16
+    assert recipe["dataset_mixture"]["test_split_size"] == 8
 
 
 # ------------------------------------------------------------------------------------------ the CLI as users run it

@@ -14,6 +14,7 @@ import trl_refpo
 from trl_refpo import version_guard
 from trl_refpo.version_guard import IncompatibleVersionError, check_installed_versions
 
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -15,6 +15,7 @@ from importlib import metadata
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
+
 TRL_SERIES = "1.16"
 SUPPORTED_VERSIONS = {
     "trl": f"=={TRL_SERIES}.*",
@@ -50,7 +51,11 @@ TRL_INTERNALS = (
 TRL_SIGNATURES = {
     ("trl.trainer.dpo_trainer", "DPOTrainer._precompute_ref_logps"): ("self", "dataset", "name", "batch_size"),
     ("trl.trainer.dpo_trainer", "DPOTrainer._prepare_dataset"): (
-        "self", "dataset", "processing_class", "args", "dataset_name",
+        "self",
+        "dataset",
+        "processing_class",
+        "args",
+        "dataset_name",
     ),
     ("trl.trainer.dpo_trainer", "DPOTrainer._set_signature_columns_if_needed"): ("self",),
 }

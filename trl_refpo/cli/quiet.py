@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+
 GRADIENT_CHECKPOINTING_RENAME = r"`(is_)?gradient_checkpointing(_kwargs|_enable|_disable)?` is deprecated"
 DEEPSPEED_CPU_LINE = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
 
