@@ -50,8 +50,8 @@ def test_older_transformers_names_the_supported_range(monkeypatch):
 def test_deepspeed_is_checked_only_when_installed(monkeypatch):
     fake_versions(monkeypatch, deepspeed=None)
     check_installed_versions("0.2.0")
-    fake_versions(monkeypatch, deepspeed="0.17.0")
-    with pytest.raises(IncompatibleVersionError, match=r"supports deepspeed>=0\.18\.6,<0\.20; found 0\.17\.0"):
+    fake_versions(monkeypatch, deepspeed="0.18.9")
+    with pytest.raises(IncompatibleVersionError, match=r"supports deepspeed>=0\.19\.8,<0\.20; found 0\.18\.9"):
         check_installed_versions("0.2.0")
 
 

@@ -23,10 +23,10 @@ SUPPORTED_VERSIONS = {
     "accelerate": ">=1.10.1,<1.17",
     "datasets": ">=4.7.0,<5.3",
     "peft": ">=0.13.0,<0.22",
-    "torch": ">=2.13,<2.15",
+    "torch": ">=2.13,<2.14",
 }
 # Checked only when installed: the `deepspeed` extra.
-OPTIONAL_SUPPORTED_VERSIONS = {"deepspeed": ">=0.18.6,<0.20"}
+OPTIONAL_SUPPORTED_VERSIONS = {"deepspeed": ">=0.19.8,<0.20"}
 
 # The TRL internals trl-refpo imports or overrides: (module, attribute path).
 TRL_INTERNALS = (
