@@ -19,7 +19,7 @@ from packaging.version import Version
 TRL_SERIES = "1.16"
 SUPPORTED_VERSIONS = {
     "trl": f"=={TRL_SERIES}.*",
-    "transformers": ">=4.56.2,<5.26",
+    "transformers": ">=4.56.2,<5.25",
     "accelerate": ">=1.10.1,<1.17",
     "datasets": ">=4.7.0,<5.3",
     "peft": ">=0.13.0,<0.22",
