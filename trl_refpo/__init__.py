@@ -4,6 +4,13 @@
 ``loss_type`` also selects the objectives in :mod:`trl_refpo.objectives.losses`.
 """
 
+__version__ = "0.2.0"
+
+from .version_guard import check_installed_versions
+
+
+check_installed_versions(__version__)  # before anything imports TRL's internals: one line instead of a deep error
+
 from .config import RefPOConfig
 from .objectives import controllers, losses
 from .objectives.base import Objective
@@ -13,7 +20,6 @@ from .trainer import RefPOTrainer
 DPOConfig = RefPOConfig
 DPOTrainer = RefPOTrainer
 
-__version__ = "0.1.0"
 
 __all__ = [
     "DPOConfig",

@@ -4,8 +4,10 @@ gives one-line errors, and a tiny end-to-end run trains from a recipe on a local
 import importlib.util
 import json
 import os
+import logging
 import subprocess
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -16,6 +18,8 @@ import yaml
 from deepspeed_launcher import free_port
 from trl_refpo.cli import RecipeError, build_trainer, main, parse_recipe, run_dpo
 from trl_refpo.cli.checks import required_packages
+from trl_refpo.cli.quiet import DEEPSPEED_CPU_LINE, silence_project_triggered_warnings
+from trl_refpo.config import RefPOConfig
 from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer, tiny_tokenizer, toy_preference_dataset
 
 RECIPES = sorted((Path(__file__).parents[2] / "examples" / "recipes").glob("*.yaml"))
@@ -300,6 +304,99 @@ def test_console_main_trains(tmp_path, tiny_model_dir, tiny_jsonl):
     assert (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_abbreviated_flag_is_refused(tmp_path):
+    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d")
+    with pytest.raises(RecipeError) as error:
+        parse_recipe(["--config", path, "--learning_rat", "1e-6", *CPU])
+    assert str(error.value) == "Unknown command-line argument(s): --learning_rat (did you mean learning_rate?)."
+    assert parse_recipe(["--config", path, "--learning_rate", "1e-6", *CPU]).training_args.learning_rate == 1e-6
+
+
+@pytest.mark.parametrize("flag, expected", [
+    (["--dataset_name", "./my_prefs.jsonl"], "dataset_name './my_prefs.jsonl': no such file or folder."),
+    (["--dataset_name", "my_prefs.jsonl"], "dataset_name 'my_prefs.jsonl': no such file or folder."),
+    (["--dataset_name", "/no/such/prefs"], "dataset_name '/no/such/prefs': no such file or folder."),
+])
+def test_missing_local_dataset_is_no_such_file(tmp_path, tiny_model_dir, tiny_jsonl, capsys, flag, expected):
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
+    assert main(["dpo", "--config", path, *flag]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "trl-refpo dpo: error: " + expected
+
+
+def test_missing_mixture_file_is_no_such_file(tmp_path, tiny_model_dir, tiny_jsonl, capsys):
+    missing_file = str(tmp_path / "gone.jsonl")
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, dataset_mixture={"datasets": [{"id": missing_file}]})
+    assert main(["dpo", "--config", path]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"trl-refpo dpo: error: dataset_mixture id {missing_file!r}: no such file or folder."
+    )
+
+
+def test_final_evaluation_runs_once_and_card_names_the_local_model(tmp_path, tiny_model_dir, tiny_jsonl):
+    path = tiny_recipe(
+        tmp_path, tiny_model_dir, tiny_jsonl, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        dataset_mixture={"datasets": [{"id": tiny_jsonl}], "seed": 0, "test_split_size": 8},
+    )
+    trainer = run_dpo(parse_recipe(["--config", path]))
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evaluations] == [2]  # the step-2 evaluation, not a second identical one
+    eval_results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert eval_results["eval_loss"] == evaluations[0]["eval_loss"] and eval_results["eval_samples"] == 8
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "huggingface.co/None" not in card and 'model="None"' not in card
+    assert f"This model is a fine-tuned version of the local model `{tiny_model_dir}`." in card
+    assert f'generator = pipeline("text-generation", model="{tmp_path / "out"}", device_map="auto")' in card
+
+
+def test_evaluation_off_the_last_step_still_runs_at_the_end(tmp_path, tiny_model_dir, tiny_jsonl):
+    path = tiny_recipe(
+        tmp_path, tiny_model_dir, tiny_jsonl, eval_strategy="steps", eval_steps=100, per_device_eval_batch_size=4,
+        dataset_mixture={"datasets": [{"id": tiny_jsonl}], "seed": 0, "test_split_size": 8},
+    )
+    trainer = run_dpo(parse_recipe(["--config", path]))
+    assert [entry["step"] for entry in trainer.state.log_history if "eval_loss" in entry] == [2]
+
+
+def test_project_triggered_checkpointing_warnings_are_silenced(tmp_path, tiny_model_dir, tiny_jsonl):
+    with warnings.catch_warnings(record=True) as control:
+        warnings.simplefilter("always")
+        RefPOConfig(output_dir=str(tmp_path / "control"), use_cpu=True, bf16=False)
+    assert "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` " \
+        "instead." in [str(warning.message) for warning in control]  # TRL's default triggers it
+    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, gradient_checkpointing=True, max_steps=1,
+                       loss_type="alpha_dpo", alpha=0.2, beta=2.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["dpo", "--config", path]) == 0
+    assert [str(w.message) for w in caught if "checkpointing" in str(w.message)] == []
+
+
+def test_deepspeed_cpu_line_is_dropped_and_other_lines_kept():
+    silence_project_triggered_warnings()
+    logger = logging.getLogger("DeepSpeed")
+    line = logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 0, DEEPSPEED_CPU_LINE, None, None)
+    other = logger.makeRecord("DeepSpeed", logging.WARNING, __file__, 0, "Setting accelerator to CUDA", None, None)
+    assert (logger.filter(line), logger.filter(other)) == (False, True)
+
+
+def test_every_recipe_writes_under_an_ignored_folder():
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    for recipe in RECIPES:
+        output_dir = yaml.safe_load(recipe.read_text())["output_dir"]
+        ignored = subprocess.run(["git", "-C", str(ROOT), "check-ignore", "-q", output_dir + "/x"])
+        assert ignored.returncode == 0, f"{recipe.name}: output_dir {output_dir} is not git-ignored"
+
+
+def test_cpu_quickstart_recipe_runs_as_is_offline():
+    recipe = yaml.safe_load((ROOT / "examples" / "recipes" / "cpu_quickstart.yaml").read_text())
+    assert recipe["model_name_or_path"] == "offline:smollm2-135m-instruct" and recipe["bf16"] is False
+    assert recipe["use_cpu"] is True
+    rows = [json.loads(line) for line in (ROOT / recipe["dataset_mixture"]["datasets"][0]["id"]).read_text().splitlines()]
+    assert len(rows) == 64 and {"prompt", "chosen", "rejected"} == set(rows[0])
+    assert recipe["dataset_mixture"]["test_split_size"] == 8
+
+
 # ------------------------------------------------------------------------------------------ the CLI as users run it
 # Each case runs `python -m trl_refpo.cli dpo` (or `accelerate launch` of it) in a fresh process, as a user would; the
 # runs share one thread pool so the suite waits for the slowest, not the sum.
@@ -454,6 +551,9 @@ def test_cli_leaves_the_handbook_outputs(cli_runs):
     assert results["trainer_state"]["global_step"] == 2
     card = (out / "README.md").read_text()
     assert "trl-refpo" in card and "alpha_dpo" in card and "prefs.jsonl" not in card  # no Hub link to a local file
+    # Third-party lines the project triggers, which the user cannot act on, are not printed:
+    assert "is deprecated and will be removed in v6" not in run.stderr
+    assert "Setting accelerator to CPU" not in run.stdout + run.stderr
     assert (out / "model.safetensors").exists()
 
 

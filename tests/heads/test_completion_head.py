@@ -64,7 +64,11 @@ def test_equals_the_models_own_log_softmax_with_gradients(build, tile_elements, 
     (expected_logps * weights).sum().backward()
     expected_grads = dict(expected_model.named_parameters())
     for name, parameter in model.named_parameters():
-        torch.testing.assert_close(parameter.grad, expected_grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+        expected = expected_grads[name].grad
+        # fp32 rounding of two summation orders grows with the gradients' scale (transformers 4.x initialises
+        # Gemma-2 with ~3x larger gradients here than 5.x): 1e-6 of the largest entry, at least 1e-6.
+        atol = 1e-6 * max(1.0, expected.abs().max().item())
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-4, atol=atol, msg=name)
 
 
 def test_only_completion_positions_are_projected_in_bounded_tiles(tokenizer, monkeypatch):

@@ -66,6 +66,7 @@ from .errors import PROG, RecipeError
 from .launch import launch
 from .legacy import LEGACY_KEYS, translate_legacy
 from .parsing import ParsedRecipe, RecipeArguments, build_parser, parse_recipe
+from .quiet import silence_project_triggered_warnings
 from .run import build_trainer, run_dpo, train_and_save
 
 DEBUG_ENV = "TRL_REFPO_DEBUG"
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     debug = _pop_debug_flag(rest) or bool(os.environ.get(DEBUG_ENV))
+    silence_project_triggered_warnings()
     try:
         parsed = parse_recipe(rest)
         if parsed.launch_args:

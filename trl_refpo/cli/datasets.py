@@ -10,6 +10,15 @@ from .errors import RecipeError
 from .parsing import RecipeArguments
 
 PREFERENCE_COLUMNS = ("chosen", "rejected")
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+
+
+def check_local_dataset_exists(dataset_id: str, key: str) -> None:
+    """A name that looks like a path (``./``, ``../``, ``/``, ``~`` or a data-file extension) and does not exist is
+    "no such file" at once: ``datasets`` would take it for a Hub id (an id-format error, or ~30 s of retries)."""
+    looks_like_path = dataset_id.startswith(("./", "../", "/", "~")) or Path(dataset_id).suffix in FILE_BUILDERS
+    if looks_like_path and not Path(dataset_id).expanduser().exists():
+        raise RecipeError(f"{key} {dataset_id!r}: no such file or folder.")
 
 
 def check_preference_columns(column_names, what: str) -> None:
@@ -25,8 +34,9 @@ def check_preference_columns(column_names, what: str) -> None:
 def _load_split(dataset_id: str, config: str | None, split: str | None):
     import datasets
 
-    path = Path(dataset_id)
-    builders = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+    check_local_dataset_exists(dataset_id, "dataset_mixture id")
+    path = Path(dataset_id).expanduser()
+    builders = FILE_BUILDERS
     try:
         if path.is_file():
             if path.suffix not in builders:
@@ -101,7 +111,8 @@ def load_recipe_dataset(script_args: RecipeArguments, dataset_args: DatasetMixtu
     if dataset_args.datasets:
         return get_dataset(dataset_args)
     if script_args.dataset_name:
-        path = Path(script_args.dataset_name)
+        check_local_dataset_exists(script_args.dataset_name, "dataset_name")
+        path = Path(script_args.dataset_name).expanduser()
         if path.is_file() or (path.is_dir() and (path / "state.json").exists()):
             return datasets.DatasetDict({"train": _load_split(script_args.dataset_name, None, "train")})
         if path.is_dir() and (path / "dataset_dict.json").exists():

@@ -38,7 +38,8 @@ class RecipeArguments(ScriptArguments):
 DATACLASS_TYPES = (RecipeArguments, RefPOConfig, ModelConfig, DatasetMixtureConfig)
 
 def build_parser() -> TrlParser:
-    parser = TrlParser(DATACLASS_TYPES, prog=PROG)
+    # allow_abbrev=False: `--learning_rat` is an unknown flag, as a misspelled recipe key is, not `--learning_rate`.
+    parser = TrlParser(DATACLASS_TYPES, prog=PROG, allow_abbrev=False)
     parser.error = _raise_recipe_error  # argparse would print the whole usage (~180 lines) before the message
     return parser
 

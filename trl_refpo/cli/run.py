@@ -206,9 +206,12 @@ def train_and_save(trainer: RefPOTrainer, parsed: ParsedRecipe) -> RefPOTrainer:
             dataset_name=", ".join(hub_ids) or None,  # the card links it on the Hub: local files are not named
             tags=list(dict.fromkeys(training_args.loss_type)),
         )
+        describe_local_models_in_card(
+            Path(training_args.output_dir) / "README.md", parsed.model_args.model_name_or_path, training_args.output_dir
+        )
     trainer.accelerator.print(f"[{PROG}] model saved to {training_args.output_dir}")
     if trainer.eval_dataset is not None:
-        metrics = trainer.evaluate()
+        metrics = final_eval_metrics(trainer)
         if hasattr(trainer.eval_dataset, "__len__"):
             metrics["eval_samples"] = len(trainer.eval_dataset)
         trainer.log_metrics("eval", metrics)
@@ -218,6 +221,27 @@ def train_and_save(trainer: RefPOTrainer, parsed: ParsedRecipe) -> RefPOTrainer:
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer
+
+
+def final_eval_metrics(trainer: RefPOTrainer) -> dict:
+    """The evaluation at the last step if training just made one (``eval_strategy`` landed on it), else a new one:
+    the same model evaluated twice gives the same numbers twice."""
+    evaluations = [entry for entry in trainer.state.log_history if any(key.startswith("eval_") for key in entry)]
+    if evaluations and evaluations[-1].get("step") == trainer.state.global_step:
+        return {key: value for key, value in evaluations[-1].items() if key != "step"}
+    return trainer.evaluate()
+
+
+def describe_local_models_in_card(card_path: Path, model_name_or_path: str, output_dir: str) -> None:
+    """TRL's card template links the base model and names the snippet's model on the Hub; for a local (or
+    ``offline:``) model and a model not pushed it would read ``[None](https://huggingface.co/None)`` and
+    ``model="None"``. Name the local model as the recipe wrote it, and the saved folder in the snippet."""
+    if not card_path.is_file():
+        return
+    text = card_path.read_text()
+    text = text.replace("[None](https://huggingface.co/None)", f"the local model `{model_name_or_path}`")
+    text = text.replace('model="None"', f'model="{output_dir}"')
+    card_path.write_text(text)
 
 
 def run_dpo(parsed: ParsedRecipe) -> RefPOTrainer:
