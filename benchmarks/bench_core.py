@@ -21,17 +21,24 @@ import os
 import sys
 import tempfile
 
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    bench_model, long_preference_dataset, prepared_batches, print_comparisons, step_memory, time_then_measure_memory,
+    bench_model,
+    long_preference_dataset,
+    prepared_batches,
+    print_comparisons,
+    step_memory,
+    time_then_measure_memory,
 )
 from trl import DPOConfig as TRLDPOConfig  # noqa: E402
 from trl import DPOTrainer as TRLDPOTrainer  # noqa: E402
 
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
+
 
 METHODS = {
     "trl_sigmoid": None,
@@ -44,21 +51,40 @@ METHODS = {
     "probability": dict(loss_type="probability"),
 }
 TARGETS = {"sigmoid": 1.02, "flex_dpo": 1.02, "alpha_dpo": 1.02, "beta_dpo": 1.02, "simpo": 0.75, "probability": 0.75}
-SIZES = {"full": dict(hidden=256, layers=4, vocab=32000, prompt=48, completion=96, pairs=4, rounds=20),
-         "quick": dict(hidden=64, layers=2, vocab=4000, prompt=16, completion=32, pairs=2, rounds=3)}
+SIZES = {
+    "full": dict(hidden=256, layers=4, vocab=32000, prompt=48, completion=96, pairs=4, rounds=20),
+    "quick": dict(hidden=64, layers=2, vocab=4000, prompt=16, completion=32, pairs=2, rounds=3),
+}
 
 
 def build(method: str, model, tokenizer, dataset, output_dir: str):
-    common = dict(output_dir=output_dir, bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[],
-                  per_device_train_batch_size=len(dataset), seed=0)
+    common = dict(
+        output_dir=output_dir,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to=[],
+        per_device_train_batch_size=len(dataset),
+        seed=0,
+    )
     ref = copy.deepcopy(model)
     if method == "trl_sigmoid":
-        return TRLDPOTrainer(model=copy.deepcopy(model), ref_model=ref, args=TRLDPOConfig(**common),
-                             train_dataset=dataset, processing_class=tokenizer)
+        return TRLDPOTrainer(
+            model=copy.deepcopy(model),
+            ref_model=ref,
+            args=TRLDPOConfig(**common),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
     config = RefPOConfig(**common, **METHODS[method])
     needs_ref = config.needs_reference
-    return RefPOTrainer(model=copy.deepcopy(model), ref_model=ref if needs_ref else None, args=config,
-                        train_dataset=dataset, processing_class=tokenizer)
+    return RefPOTrainer(
+        model=copy.deepcopy(model),
+        ref_model=ref if needs_ref else None,
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
 
 
 def setup(size):
@@ -85,15 +111,24 @@ def main():
 
     trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
-    times, memory = time_then_measure_memory(__file__, trainers, batches, size["rounds"],
-                                             ["--quick"] if cli.quick else [])
-    print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; "
-          f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds")
-    print_comparisons(times, memory, [("sigmoid", "trl_sigmoid", "≤1.02 time, ≤1.00 mem")] + [
-        (name, "sigmoid", f"≤{TARGETS[name]}") for name in ["flex_dpo", "alpha_dpo", "beta_dpo", "simpo", "probability"]
-    ] + [("sigmoid_pipeline", "sigmoid", "(LM heads: pipeline vs TRL's)")] + [
-        (name, "sigmoid_pipeline", "(like for like: the reference forward)") for name in ["simpo", "probability"]
-    ])
+    times, memory = time_then_measure_memory(
+        __file__, trainers, batches, size["rounds"], ["--quick"] if cli.quick else []
+    )
+    print(
+        f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; "
+        f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds"
+    )
+    print_comparisons(
+        times,
+        memory,
+        [("sigmoid", "trl_sigmoid", "≤1.02 time, ≤1.00 mem")]
+        + [
+            (name, "sigmoid", f"≤{TARGETS[name]}")
+            for name in ["flex_dpo", "alpha_dpo", "beta_dpo", "simpo", "probability"]
+        ]
+        + [("sigmoid_pipeline", "sigmoid", "(LM heads: pipeline vs TRL's)")]
+        + [(name, "sigmoid_pipeline", "(like for like: the reference forward)") for name in ["simpo", "probability"]],
+    )
 
 
 if __name__ == "__main__":

@@ -22,13 +22,18 @@ import os
 import sys
 import tempfile
 
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # the oracle the tests use
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
-    enable_activation_checkpointing, long_preference_dataset, prepared_batches, print_comparisons, step_memory,
+    enable_activation_checkpointing,
+    long_preference_dataset,
+    prepared_batches,
+    print_comparisons,
+    step_memory,
     time_then_measure_memory,
 )
 from oracles import naive_epsilon_dpo  # noqa: E402
@@ -37,16 +42,47 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
 from trl_refpo.testing import tiny_tokenizer  # noqa: E402
 
+
 METHODS = ("sigmoid", "epsilon_dpo", "naive")
 # "full" is SmolLM2-135M's architecture: 30 layers, hidden 576, vocabulary 49152, tied embeddings.
 SIZES = {
-    "full": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, prompt=32,
-                 completion=256, pairs=2, rounds=3),
+    "full": dict(
+        hidden=576,
+        intermediate=1536,
+        layers=30,
+        heads=9,
+        kv_heads=3,
+        vocab=49152,
+        prompt=32,
+        completion=256,
+        pairs=2,
+        rounds=3,
+    ),
     # Where the logits dominate memory: 4 pairs of 512-token completions through a 4-layer model of the same width.
-    "long": dict(hidden=576, intermediate=1536, layers=4, heads=9, kv_heads=3, vocab=49152, prompt=32,
-                 completion=512, pairs=4, rounds=3),
-    "quick": dict(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab=32000, prompt=16,
-                  completion=64, pairs=1, rounds=2),
+    "long": dict(
+        hidden=576,
+        intermediate=1536,
+        layers=4,
+        heads=9,
+        kv_heads=3,
+        vocab=49152,
+        prompt=32,
+        completion=512,
+        pairs=4,
+        rounds=3,
+    ),
+    "quick": dict(
+        hidden=64,
+        intermediate=128,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        vocab=32000,
+        prompt=16,
+        completion=64,
+        pairs=1,
+        rounds=2,
+    ),
 }
 BETA, EPSILON = 0.1, 0.01
 
@@ -61,24 +97,42 @@ def build_model(size):
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=size["vocab"], hidden_size=size["hidden"], intermediate_size=size["intermediate"],
-        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
-        max_position_embeddings=1024, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=size["vocab"],
+        hidden_size=size["hidden"],
+        intermediate_size=size["intermediate"],
+        num_hidden_layers=size["layers"],
+        num_attention_heads=size["heads"],
+        num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     return tokenizer, LlamaForCausalLM(config)
 
 
 def build(method, model, tokenizer, dataset, output_dir, gradient_checkpointing):
     config = RefPOConfig(
-        output_dir=output_dir, bf16=False, use_cpu=True, gradient_checkpointing=gradient_checkpointing, report_to=[],
+        output_dir=output_dir,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=gradient_checkpointing,
+        report_to=[],
         seed=0,
-        per_device_train_batch_size=len(dataset), beta=BETA, epsilon=EPSILON,
+        per_device_train_batch_size=len(dataset),
+        beta=BETA,
+        epsilon=EPSILON,
         loss_type="sigmoid" if method == "sigmoid" else "epsilon_dpo",
     )
     trainer_class = NaiveEpsilonDPOTrainer if method == "naive" else RefPOTrainer
-    trainer = trainer_class(model=copy.deepcopy(model), ref_model=copy.deepcopy(model), args=config,
-                            train_dataset=dataset, processing_class=tokenizer)
+    trainer = trainer_class(
+        model=copy.deepcopy(model),
+        ref_model=copy.deepcopy(model),
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
     enable_activation_checkpointing(trainer)
     return trainer
 
@@ -88,8 +142,12 @@ def main():
     parser.add_argument("--quick", action="store_true", help="smoke run (same as --size quick)")
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
     parser.add_argument("--memory-of")
-    parser.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false",
-                        help="keep every activation (TRL's default is gradient checkpointing on)")
+    parser.add_argument(
+        "--no-gradient-checkpointing",
+        dest="gradient_checkpointing",
+        action="store_false",
+        help="keep every activation (TRL's default is gradient checkpointing on)",
+    )
     cli = parser.parse_args()
     size_name = "quick" if cli.quick else cli.size
     size = SIZES[size_name]
@@ -108,11 +166,14 @@ def main():
     batch_shape = tuple(batches[0]["input_ids"].shape)
     extra = ["--size", size_name] + ([] if cli.gradient_checkpointing else ["--no-gradient-checkpointing"])
     times, memory = time_then_measure_memory(__file__, trainers, batches, size["rounds"], extra)
-    print(f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
-          f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
-          f"{torch.get_num_threads()} threads; gradient checkpointing {'on' if cli.gradient_checkpointing else 'off'}")
-    print_comparisons(times, memory, [("epsilon_dpo", "sigmoid", "≤1.15 time, ≤1.10 mem"),
-                                      ("epsilon_dpo", "naive", "≤0.5 mem")])
+    print(
+        f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
+        f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
+        f"{torch.get_num_threads()} threads; gradient checkpointing {'on' if cli.gradient_checkpointing else 'off'}"
+    )
+    print_comparisons(
+        times, memory, [("epsilon_dpo", "sigmoid", "≤1.15 time, ≤1.10 mem"), ("epsilon_dpo", "naive", "≤0.5 mem")]
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import sys
 import time
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
@@ -35,8 +36,12 @@ def main(argv=None):
     parser.add_argument("--max_new_tokens", type=int, default=48)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--trained_state_prompts", type=int, default=16,
-                        help="prompts for the fresh vs trained-state generation ratio (0: skip)")
+    parser.add_argument(
+        "--trained_state_prompts",
+        type=int,
+        default=16,
+        help="prompts for the fresh vs trained-state generation ratio (0: skip)",
+    )
     parser.add_argument("--output", default=None, help="write the report's dict and the timings as JSON")
     cli = parser.parse_args(argv)
     if cli.threads:
@@ -54,22 +59,38 @@ def main(argv=None):
             judge_seconds.append(time.perf_counter() - start)
 
     ifeval_eval.judge = counted_judge
-    report, wall, cpu = timed(lambda: ifeval_eval.evaluate_policy(
-        model, tokenizer, rows, batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens))
+    report, wall, cpu = timed(
+        lambda: ifeval_eval.evaluate_policy(
+            model, tokenizer, rows, batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens
+        )
+    )
     ifeval_eval.judge = real_judge
-    timings = {"prompts": len(rows), "max_new_tokens": cli.max_new_tokens, "wall_s": wall, "cpu_s": cpu,
-               "judge_s": sum(judge_seconds), "generated_tokens": sum(p["reply_tokens"] for p in report.per_prompt),
-               "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    timings = {
+        "prompts": len(rows),
+        "max_new_tokens": cli.max_new_tokens,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "judge_s": sum(judge_seconds),
+        "generated_tokens": sum(p["reply_tokens"] for p in report.per_prompt),
+        "threads": torch.get_num_threads(),
+        "load_average": os.getloadavg(),
+    }
     print(report.table())
     if cli.trained_state_prompts:
         subset = rows[: cli.trained_state_prompts]
-        _, fresh, fresh_cpu = timed(lambda: ifeval_eval.evaluate_policy(
-            model, tokenizer, subset, batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens, progress=False))
+        _, fresh, fresh_cpu = timed(
+            lambda: ifeval_eval.evaluate_policy(
+                model, tokenizer, subset, batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens, progress=False
+            )
+        )
         model.activation_checkpointing_enable()
         model.config.use_cache = False
         model.train()
-        _, trained, trained_cpu = timed(lambda: ifeval_eval.evaluate_policy(
-            model, tokenizer, subset, batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens, progress=False))
+        _, trained, trained_cpu = timed(
+            lambda: ifeval_eval.evaluate_policy(
+                model, tokenizer, subset, batch_size=cli.batch_size, max_new_tokens=cli.max_new_tokens, progress=False
+            )
+        )
         timings.update(fresh_state_s=fresh, trained_state_s=trained, trained_over_fresh_cpu=trained_cpu / fresh_cpu)
     print(json.dumps(timings, indent=1))
     if cli.output:

@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 import torch  # noqa: E402
@@ -106,12 +107,18 @@ def long_preference_dataset(num_pairs: int, seed: int = 0) -> Dataset:
         chosen = [rng.choice(LETTERS) for _ in range(rng.randint(24, 40))]
         rejected = [rng.choice(LETTERS) for _ in range(rng.randint(24, 40))]
         rows.append(
-            {"prompt": "copy : " + " ".join(letters) + " :", "chosen": " " + " ".join(chosen), "rejected": " " + " ".join(rejected)}
+            {
+                "prompt": "copy : " + " ".join(letters) + " :",
+                "chosen": " " + " ".join(chosen),
+                "rejected": " " + " ".join(rejected),
+            }
         )
     return Dataset.from_list(rows)
 
 
-def build(policy, policy_tokenizer, dataset, reference, reference_tokenizer, output_dir, cache_dir=None, batch_size=16):
+def build(
+    policy, policy_tokenizer, dataset, reference, reference_tokenizer, output_dir, cache_dir=None, batch_size=16
+):
     args = RefPOConfig(
         output_dir=output_dir,
         bf16=False,
@@ -124,7 +131,11 @@ def build(policy, policy_tokenizer, dataset, reference, reference_tokenizer, out
         disable_tqdm=True,
     )
     return TimedTrainer(
-        model=policy, ref_model=reference, ref_tokenizer=reference_tokenizer, args=args, train_dataset=dataset,
+        model=policy,
+        ref_model=reference,
+        ref_tokenizer=reference_tokenizer,
+        args=args,
+        train_dataset=dataset,
         processing_class=policy_tokenizer,
     )
 
@@ -162,8 +173,10 @@ def main():
     if options.large_vocab:
         large = large_vocab_tokenizer(options.large_vocab)
         seconds = retokenisation_seconds(policy_tokenizer, large, pairs=8, repeats=options.repeats)
-        print(f"\nRe-tokenisation of 8 pairs, reference vocabulary {len(large):,}: median {statistics.median(seconds):.3f} "
-              f"CPU s (min {min(seconds):.3f}) over {options.repeats} runs")
+        print(
+            f"\nRe-tokenisation of 8 pairs, reference vocabulary {len(large):,}: median {statistics.median(seconds):.3f} "
+            f"CPU s (min {min(seconds):.3f}) over {options.repeats} runs"
+        )
     if options.only_large_vocab:
         return
     tokenizers = {
@@ -193,10 +206,14 @@ def main():
                     trainer.train_dataset["ref_rejected_lengths"]
                 ) / len(trainer.train_dataset)
 
-        print(f"\nPrecompute, {options.pairs} pairs, reference Llama {options.hidden}x{options.layers}, CPU fp32, "
-              f"1 thread, CPU seconds; median of {options.repeats} alternating runs")
-        print(f"{'reference':<22}{'scoring s':>10}{'pairs/s':>10}{'ratio':>8}{'+retok s':>10}{'ratio incl.':>13}"
-              f"{'tok/pair':>10}")
+        print(
+            f"\nPrecompute, {options.pairs} pairs, reference Llama {options.hidden}x{options.layers}, CPU fp32, "
+            f"1 thread, CPU seconds; median of {options.repeats} alternating runs"
+        )
+        print(
+            f"{'reference':<22}{'scoring s':>10}{'pairs/s':>10}{'ratio':>8}{'+retok s':>10}{'ratio incl.':>13}"
+            f"{'tok/pair':>10}"
+        )
         base = statistics.median(scoring["same tokenizer"])
         base_total = base + statistics.median(retokenise["same tokenizer"])
         for name in tokenizers:
@@ -215,18 +232,27 @@ def main():
             for runs, init_runs in ((first, first_init), (cached, cached_init)):
                 start = time.process_time()
                 build(
-                    policy, policy_tokenizer, dataset, copy.deepcopy(references["cross (BPE)"]),
-                    tokenizers["cross (BPE)"], tmp, cache_dir=repeat_cache,
+                    policy,
+                    policy_tokenizer,
+                    dataset,
+                    copy.deepcopy(references["cross (BPE)"]),
+                    tokenizers["cross (BPE)"],
+                    tmp,
+                    cache_dir=repeat_cache,
                 )
                 init_runs.append(time.process_time() - start)
                 runs.append(TimedTrainer.precompute_seconds)
         first_s, cached_s = statistics.median(first), statistics.median(cached)
         first_init_s, cached_init_s = statistics.median(first_init), statistics.median(cached_init)
         print("\nCache (cross (BPE) reference)")
-        print(f"  precompute stage: first {first_s:.2f}s, cached rerun {cached_s:.3f}s = {100 * cached_s / first_s:.1f}% "
-              "(target < 5%)")
-        print(f"  whole trainer construction: first {first_init_s:.2f}s, cached rerun {cached_init_s:.2f}s = "
-              f"{100 * cached_init_s / first_init_s:.1f}%")
+        print(
+            f"  precompute stage: first {first_s:.2f}s, cached rerun {cached_s:.3f}s = {100 * cached_s / first_s:.1f}% "
+            "(target < 5%)"
+        )
+        print(
+            f"  whole trainer construction: first {first_init_s:.2f}s, cached rerun {cached_init_s:.2f}s = "
+            f"{100 * cached_init_s / first_init_s:.1f}%"
+        )
 
 
 if __name__ == "__main__":

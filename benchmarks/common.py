@@ -22,6 +22,7 @@ import psutil
 import torch
 from datasets import Dataset
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from trl_refpo.testing import LETTERS, tiny_llama, tiny_tokenizer  # noqa: E402
@@ -35,8 +36,11 @@ def long_preference_dataset(num_examples: int, prompt_tokens: int, completion_to
 
     return Dataset.from_list(
         [
-            {"prompt": words(prompt_tokens), "chosen": " " + words(completion_tokens),
-             "rejected": " " + words(completion_tokens - rng.randint(0, completion_tokens // 4))}
+            {
+                "prompt": words(prompt_tokens),
+                "chosen": " " + words(completion_tokens),
+                "rejected": " " + words(completion_tokens - rng.randint(0, completion_tokens // 4)),
+            }
             for _ in range(num_examples)
         ]
     )
@@ -44,8 +48,9 @@ def long_preference_dataset(num_examples: int, prompt_tokens: int, completion_to
 
 def bench_model(hidden_size: int, num_layers: int, vocab_size: int, seed: int = 0):
     tokenizer = tiny_tokenizer()
-    return tokenizer, tiny_llama(tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed,
-                                 vocab_size=vocab_size)
+    return tokenizer, tiny_llama(
+        tokenizer, hidden_size=hidden_size, num_layers=num_layers, seed=seed, vocab_size=vocab_size
+    )
 
 
 def prepared_batches(trainer, pairs: int) -> list[dict]:
@@ -124,7 +129,10 @@ MEMORY_RUN_ENV = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 def run_memory_subprocess(script: str, method: str, extra_args: list[str] | None = None) -> dict[str, float]:
     output = subprocess.run(
         [sys.executable, script, "--memory-of", method, *(extra_args or [])],
-        check=True, capture_output=True, text=True, env={**os.environ, **MEMORY_RUN_ENV},
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **MEMORY_RUN_ENV},
     ).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -143,7 +151,9 @@ def time_then_measure_memory(script: str, trainers: dict, batches: list, rounds:
     The timed trainers are dropped before the memory runs so the subprocesses do not compete with them for RAM.
     """
     times = alternate(trainers, batches, rounds)
-    print("median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True)
+    print(
+        "median step ms: " + ", ".join(f"{name} {seconds * 1000:.0f}" for name, seconds in times.items()), flush=True
+    )
     methods = list(trainers)
     trainers.clear()
     batches.clear()
@@ -155,12 +165,22 @@ def time_then_measure_memory(script: str, trainers: dict, batches: list, rounds:
 def print_comparisons(times: dict, memory: dict, comparisons: list[tuple[str, str, str]]):
     """``comparisons``: (method, baseline, target) rows of ratios, then every method's absolute numbers."""
     rows = [
-        (f"{method} vs {baseline}", times[method] / times[baseline],
-         memory[method]["step_peak_mib"] / memory[baseline]["step_peak_mib"],
-         memory[method]["total_peak_mib"] / memory[baseline]["total_peak_mib"], target)
+        (
+            f"{method} vs {baseline}",
+            times[method] / times[baseline],
+            memory[method]["step_peak_mib"] / memory[baseline]["step_peak_mib"],
+            memory[method]["total_peak_mib"] / memory[baseline]["total_peak_mib"],
+            target,
+        )
         for method, baseline, target in comparisons
     ]
-    print_table("Ratios (median step time; peak RSS added by the steps; total process peak RSS)", rows,
-                ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"))
-    print_table("Absolute", [(name, times[name] * 1000, memory[name]["step_peak_mib"], memory[name]["total_peak_mib"])
-                             for name in times], ("method", "median step ms", "step peak MiB", "total peak MiB"))
+    print_table(
+        "Ratios (median step time; peak RSS added by the steps; total process peak RSS)",
+        rows,
+        ("comparison", "time ratio", "step-memory ratio", "total-memory ratio", "target"),
+    )
+    print_table(
+        "Absolute",
+        [(name, times[name] * 1000, memory[name]["step_peak_mib"], memory[name]["total_peak_mib"]) for name in times],
+        ("method", "median step ms", "step peak MiB", "total peak MiB"),
+    )

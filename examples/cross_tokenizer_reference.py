@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -106,9 +107,11 @@ def main(argv=None):
     )
     start = time.time()
     trainer = RefPOTrainer(model=policy_path, args=args, train_dataset=dataset)
-    print(f"\nreference source: {type(trainer.ref_scoring_source).__name__} "
-          f"(tokenizer vocab {len(trainer.ref_scoring_source.tokenizer)} vs policy {len(trainer.processing_class)}); "
-          f"set up in {time.time() - start:.1f}s")
+    print(
+        f"\nreference source: {type(trainer.ref_scoring_source).__name__} "
+        f"(tokenizer vocab {len(trainer.ref_scoring_source.tokenizer)} vs policy {len(trainer.processing_class)}); "
+        f"set up in {time.time() - start:.1f}s"
+    )
 
     # One precomputed value against Gemma scoring the same conversation directly.
     reference_tokenizer = AutoTokenizer.from_pretrained(reference_path)
@@ -116,8 +119,10 @@ def main(argv=None):
     example, row = dataset[0], trainer.train_dataset[0]
     direct = score_directly(gemma, reference_tokenizer, example["prompt"], example["chosen"], cli.ref_prompt)
     del gemma
-    print(f"lp_ref(chosen_0): precomputed {row['ref_chosen_logps']:.4f}, Gemma on the same text {direct:.4f} "
-          f"({int(row['ref_chosen_lengths'])} Gemma tokens vs {len(row['chosen_ids'])} SmolLM2 tokens)")
+    print(
+        f"lp_ref(chosen_0): precomputed {row['ref_chosen_logps']:.4f}, Gemma on the same text {direct:.4f} "
+        f"({int(row['ref_chosen_lengths'])} Gemma tokens vs {len(row['chosen_ids'])} SmolLM2 tokens)"
+    )
 
     start = time.time()
     trainer.train()
@@ -125,7 +130,9 @@ def main(argv=None):
     print("step    loss  margin  logps/ref_chosen")
     for entry in trainer.state.log_history:
         if "loss" in entry:
-            print(f"{entry['step']:>4}  {entry['loss']:.4f}  {entry['rewards/margins']:+.4f}  {entry['logps/ref_chosen']:.2f}")
+            print(
+                f"{entry['step']:>4}  {entry['loss']:.4f}  {entry['rewards/margins']:+.4f}  {entry['logps/ref_chosen']:.2f}"
+            )
     return trainer, direct, row["ref_chosen_logps"]
 
 

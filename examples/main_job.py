@@ -28,6 +28,7 @@ import os
 import sys
 import time
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 from trl_refpo import DPOConfig, DPOTrainer, available_loss_types  # noqa: E402
 from trl_refpo.research.ifeval_data import preference_dataset  # noqa: E402
 from trl_refpo.research.ifeval_eval import METRICS, evaluate_policy, load_ifeval_split  # noqa: E402
+
 
 LENGTH_NORMALISED = {"simpo", "alpha_dpo"}  # β on the average log-prob: a larger scale (SimPO / α-DPO papers)
 DEFAULT_MODEL = "offline:smollm2-135m-instruct"
@@ -56,11 +58,14 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default="outputs/main_job")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--moments_bias_correction", action="store_true",
+        "--moments_bias_correction",
+        action="store_true",
         help="alpha_dpo / beta_dpo: bias-corrected running moments (mu/(1-0.9^t), as Adam)",
     )
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch CPU threads (default: torch's choice). On a CPU shared with other jobs 1 is often faster",
     )
     return parser.parse_args(argv)
@@ -134,8 +139,10 @@ def save_plots(log_history, before, after, output_dir: str, title: str) -> list[
     figure, axis = plt.subplots(figsize=(7, 3.5))
     for offset, (name, report) in ((-0.2, ("before", before)), (0.2, ("after", after))):
         values = [report.metrics[k] for k in labels]
-        errors = [[v - report.intervals[k][0] for k, v in zip(labels, values)],
-                  [report.intervals[k][1] - v for k, v in zip(labels, values)]]
+        errors = [
+            [v - report.intervals[k][0] for k, v in zip(labels, values)],
+            [report.intervals[k][1] - v for k, v in zip(labels, values)],
+        ]
         axis.bar([p + offset for p in range(len(labels))], values, 0.4, yerr=errors, capsize=3, label=name)
     axis.set_xticks(list(range(len(labels))), labels, rotation=15)
     axis.set(ylabel="held-out IFEval accuracy (95 % CI)", ylim=(0, 1), title=title)
@@ -167,15 +174,29 @@ def main(argv=None) -> dict:
 
     beta = cli.beta if cli.beta is not None else (2.5 if cli.loss_type in LENGTH_NORMALISED else 0.1)
     args = DPOConfig(
-        output_dir=cli.output_dir, loss_type=cli.loss_type, beta=beta, max_steps=max_steps,
-        per_device_train_batch_size=cli.batch_size, learning_rate=cli.learning_rate,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(5, max_steps // 5), logging_steps=1,
-        max_length=256, eval_strategy="no", save_strategy="no", report_to=[], seed=cli.seed, bf16=False,
-        use_cpu=True, gradient_checkpointing=False, dataloader_num_workers=0,
+        output_dir=cli.output_dir,
+        loss_type=cli.loss_type,
+        beta=beta,
+        max_steps=max_steps,
+        per_device_train_batch_size=cli.batch_size,
+        learning_rate=cli.learning_rate,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=min(5, max_steps // 5),
+        logging_steps=1,
+        max_length=256,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        seed=cli.seed,
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        dataloader_num_workers=0,
         moments_bias_correction=cli.moments_bias_correction,
     )
-    trainer = DPOTrainer(model=model, args=args, train_dataset=preference_dataset(train_rows),
-                         processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=model, args=args, train_dataset=preference_dataset(train_rows), processing_class=tokenizer
+    )
     evaluation = dict(max_new_tokens=cli.max_new_tokens, seed=cli.seed, num_resamples=cli.num_resamples)
     eval_start = time.time()
     before = evaluate_policy(trainer.model, tokenizer, eval_prompts, pairs=eval_pairs, **evaluation)
@@ -185,16 +206,22 @@ def main(argv=None) -> dict:
     trainer.train()
     train_seconds = time.time() - train_start
     eval_start = time.time()
-    after = evaluate_policy(trainer.model, tokenizer, eval_prompts, ref_model=reference, pairs=eval_pairs,
-                            **evaluation)
+    after = evaluate_policy(
+        trainer.model, tokenizer, eval_prompts, ref_model=reference, pairs=eval_pairs, **evaluation
+    )
     eval_seconds.append(time.time() - eval_start)
 
     title = f"{cli.loss_type}, {max_steps} steps, lr {cli.learning_rate:g}, β {beta:g}"
     print_table(before, after)
     plots = save_plots(trainer.state.log_history, before, after, cli.output_dir, title)
     results = {
-        "config": {**vars(cli), "beta": beta, "max_steps": max_steps, "num_train": len(train_rows),
-                   "num_eval_pairs": len(eval_pairs)},
+        "config": {
+            **vars(cli),
+            "beta": beta,
+            "max_steps": max_steps,
+            "num_train": len(train_rows),
+            "num_eval_pairs": len(eval_pairs),
+        },
         "before": before.to_dict(),
         "after": after.to_dict(),
         "loss": [entry["loss"] for entry in trainer.state.log_history if "loss" in entry],
@@ -204,8 +231,10 @@ def main(argv=None) -> dict:
     }
     with open(os.path.join(cli.output_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\n{title}: training {train_seconds:.0f}s, evaluation {eval_seconds[0]:.0f}s before / "
-          f"{eval_seconds[1]:.0f}s after, whole job {results['wall_seconds']:.0f}s")
+    print(
+        f"\n{title}: training {train_seconds:.0f}s, evaluation {eval_seconds[0]:.0f}s before / "
+        f"{eval_seconds[1]:.0f}s after, whole job {results['wall_seconds']:.0f}s"
+    )
     print(f"wrote {', '.join(plots)} and {os.path.join(cli.output_dir, 'results.json')}")
     return results
 

@@ -17,6 +17,7 @@ import os
 import sys
 import time
 
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -39,10 +40,23 @@ def main(argv=None):
     model = tiny_llama(tokenizer, hidden_size=64, num_layers=2)
     train, test = toy_preference_dataset(256, seed=0), toy_preference_dataset(64, seed=1)
     args = RefPOConfig(
-        output_dir=cli.output_dir, loss_type=cli.loss_type, loss_weights=cli.loss_weights, beta=beta,
-        max_steps=cli.max_steps, per_device_train_batch_size=16, per_device_eval_batch_size=32,
-        learning_rate=2e-3, lr_scheduler_type="constant", logging_steps=5, eval_strategy="no",
-        save_strategy="no", bf16=False, use_cpu=True, gradient_checkpointing=False, report_to=[], seed=0,
+        output_dir=cli.output_dir,
+        loss_type=cli.loss_type,
+        loss_weights=cli.loss_weights,
+        beta=beta,
+        max_steps=cli.max_steps,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=2e-3,
+        lr_scheduler_type="constant",
+        logging_steps=5,
+        eval_strategy="no",
+        save_strategy="no",
+        bf16=False,
+        use_cpu=True,
+        gradient_checkpointing=False,
+        report_to=[],
+        seed=0,
     )
     trainer = RefPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer)
     before = trainer.evaluate()

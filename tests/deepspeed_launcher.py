@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+
 ROOT = Path(__file__).resolve().parent.parent
 ACCELERATE_CONFIGS = ROOT / "examples" / "accelerate_configs"
 DEEPSPEED_MISSING = 'needs DeepSpeed: pip install "trl-refpo[deepspeed]"'
@@ -99,12 +100,18 @@ def launch_deepspeed(
     if not config.exists():
         raise FileNotFoundError(f"no accelerate config for ZeRO-{zero_stage}: {config}")
     command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(config),
-        "--num_processes", str(num_processes),
-        "--main_process_port", str(free_port()),
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config),
+        "--num_processes",
+        str(num_processes),
+        "--main_process_port",
+        str(free_port()),
         *launch_overrides,
-        str(script), *map(str, script_args),
+        str(script),
+        *map(str, script_args),
     ]
     env = dict(
         os.environ,

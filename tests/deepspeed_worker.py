@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+
 STEPS = 3
 NUM_EXAMPLES = 12  # STEPS × global batch: every example seen once, in dataset order
 
@@ -38,9 +39,20 @@ def run_case(name: str, out: str, ref_path: str, per_device_batch_size: int, use
     overrides, cross_tokenizer = CASES[name]
     tokenizer = tiny_tokenizer()
     config = dict(
-        output_dir=f"{out}/{name}", bf16=False, gradient_checkpointing=False, report_to=[], disable_tqdm=True,
-        per_device_train_batch_size=per_device_batch_size, max_steps=STEPS, logging_steps=1, save_strategy="no",
-        learning_rate=1e-3, beta=0.1, train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0,
+        output_dir=f"{out}/{name}",
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        disable_tqdm=True,
+        per_device_train_batch_size=per_device_batch_size,
+        max_steps=STEPS,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        beta=0.1,
+        train_sampling_strategy="sequential",
+        seed=0,
+        dataloader_num_workers=0,
         **overrides,
     )
     if use_cpu:
@@ -49,7 +61,9 @@ def run_case(name: str, out: str, ref_path: str, per_device_batch_size: int, use
         config.update(ref_model_name_or_path=ref_path, ref_tokenizer_name_or_path=ref_path)
     model = tiny_llama(tokenizer, seed=0)
     trainer = RefPOTrainer(
-        model=model, args=RefPOConfig(**config), train_dataset=toy_preference_dataset(NUM_EXAMPLES, seed=3),
+        model=model,
+        args=RefPOConfig(**config),
+        train_dataset=toy_preference_dataset(NUM_EXAMPLES, seed=3),
         processing_class=tokenizer,
     )
     trainer.train()

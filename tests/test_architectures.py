@@ -20,12 +20,22 @@ from trl_refpo.testing import (
     toy_vision_preference_dataset,
 )
 
+
 BETA = 0.2
 MOE = ("qwen3_moe", "gpt_oss")
 ARCHITECTURES = ["llama", "qwen2", "gemma2", "cohere", "lfm2", "nemotron_h", *MOE, "llava"]
 SHARED_METRICS = [
-    "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
-    "entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "num_tokens",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "entropy",
+    "logits/chosen",
+    "logits/rejected",
+    "mean_token_accuracy",
+    "num_tokens",
 ]
 
 
@@ -68,15 +78,30 @@ def trainer_pair(architecture, tmp_path, peft_config=None):
     if peft_config is not None:
         policy = reference  # the adapter-disabled base is the reference
     trl = TRLDPOTrainer(
-        model=copy.deepcopy(policy), **copy.deepcopy(reference_kwargs),
-        args=TRLDPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, gradient_checkpointing=False,
-                          per_device_train_batch_size=4, report_to=[], seed=0, loss_type=["sigmoid"], beta=BETA),
-        train_dataset=dataset, processing_class=processing_class, peft_config=copy.deepcopy(peft_config),
+        model=copy.deepcopy(policy),
+        **copy.deepcopy(reference_kwargs),
+        args=TRLDPOConfig(
+            output_dir=str(tmp_path / "trl"),
+            bf16=False,
+            use_cpu=True,
+            gradient_checkpointing=False,
+            per_device_train_batch_size=4,
+            report_to=[],
+            seed=0,
+            loss_type=["sigmoid"],
+            beta=BETA,
+        ),
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=copy.deepcopy(peft_config),
     )
     ours = RefPOTrainer(
-        model=copy.deepcopy(policy), **copy.deepcopy(reference_kwargs),
+        model=copy.deepcopy(policy),
+        **copy.deepcopy(reference_kwargs),
         args=tiny_args(tmp_path / "ours", loss_type="flex_dpo", beta=BETA, beta_chosen=BETA, beta_rejected=BETA),
-        train_dataset=dataset, processing_class=processing_class, peft_config=copy.deepcopy(peft_config),
+        train_dataset=dataset,
+        processing_class=processing_class,
+        peft_config=copy.deepcopy(peft_config),
     )
     if peft_config is not None:  # the same adapter weights in both
         ours.model.load_state_dict(trl.model.state_dict())
@@ -124,8 +149,13 @@ def test_flex_dpo_with_equal_betas_is_trl_sigmoid(architecture, tmp_path):
 
 @pytest.mark.parametrize("architecture", MOE)
 def test_moe_with_lora_on_the_experts_keeps_the_router_loss(architecture, tmp_path):
-    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"],
-                      init_lora_weights=False)
+    lora = LoraConfig(
+        r=2,
+        lora_alpha=4,
+        target_modules=["q_proj"],
+        target_parameters=["mlp.experts.down_proj"],
+        init_lora_weights=False,
+    )
     trl, ours = trainer_pair(architecture, tmp_path, peft_config=lora)
     _, trl_metrics, grads = assert_same_as_trl(trl, ours)
     assert trl_metrics["aux_loss"] > 0

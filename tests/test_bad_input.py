@@ -17,13 +17,18 @@ from trl_refpo.objectives.base import PairBatch, StepContext
 from trl_refpo.objectives.registry import OBJECTIVES
 from trl_refpo.testing import tiny_llama, toy_preference_dataset
 
+
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")
 
 
 def build(model, tokenizer, dataset, tmp_path, eval_dataset=None, ref_model=None, **config):
     return RefPOTrainer(
-        model=copy.deepcopy(model), ref_model=ref_model, args=tiny_args(tmp_path, **config), train_dataset=dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer,
+        model=copy.deepcopy(model),
+        ref_model=ref_model,
+        args=tiny_args(tmp_path, **config),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
 
 
@@ -34,8 +39,14 @@ def test_label_smoothing_reaches_the_loss(loss_type, tmp_path):
     chosen, rejected, ref_chosen, ref_rejected = (-10 * torch.rand(6, dtype=torch.float64) for _ in range(4))
     lengths = torch.full((6,), 5.0, dtype=torch.float64)
     pairs = PairBatch(
-        chosen, rejected, lengths, lengths, torch.zeros(6, 3), torch.ones(6, 3),
-        ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        chosen,
+        rejected,
+        lengths,
+        lengths,
+        torch.zeros(6, 3),
+        torch.ones(6, 3),
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
     )
     ctx = StepContext(training=False, gather=lambda tensor: tensor)
     args = tiny_args(tmp_path, loss_type=loss_type, beta=2.5, label_smoothing=0.1)
@@ -59,7 +70,9 @@ def test_label_smoothing_reaches_the_loss(loss_type, tmp_path):
 def test_supplied_reference_columns_must_be_finite_numbers(chosen, message, model, tokenizer, tmp_path):
     dataset = toy_preference_dataset(4).add_column("ref_chosen_logps", chosen)
     dataset = dataset.add_column("ref_rejected_logps", [-1.0] * 4)
-    with pytest.raises(ValueError, match=f"Column 'ref_chosen_logps' of the train dataset must hold finite.*{message}"):
+    with pytest.raises(
+        ValueError, match=f"Column 'ref_chosen_logps' of the train dataset must hold finite.*{message}"
+    ):
         build(model, tokenizer, dataset, tmp_path, loss_type="sigmoid")
     good = dataset.remove_columns("ref_chosen_logps").add_column("ref_chosen_logps", [-1.0] * 4)
     bad_eval = good.remove_columns("ref_rejected_logps").add_column("ref_rejected_logps", chosen)
@@ -84,7 +97,9 @@ def test_rows_dropped_for_max_length_are_counted_and_an_empty_result_fails(model
     max_length = sorted(prompt_lengths)[len(prompt_lengths) // 2]
     dropped = sum(length >= max_length for length in prompt_lengths)
     assert 0 < dropped < 16
-    with pytest.warns(UserWarning, match=f"Dropped {dropped} of 16 rows of the train dataset.*max_length={max_length}"):
+    with pytest.warns(
+        UserWarning, match=f"Dropped {dropped} of 16 rows of the train dataset.*max_length={max_length}"
+    ):
         trainer = build(model, tokenizer, dataset, tmp_path, loss_type="alpha_dpo", max_length=max_length)
     assert len(trainer.train_dataset) == 16 - dropped
     long_prompts = dataset.map(lambda row: {"prompt": "copy : a b " * 10 + row["prompt"]})
@@ -132,16 +147,30 @@ def test_moe_router_aux_loss_is_added_and_logged(tokenizer, tmp_path):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     config = MixtralConfig(
-        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
     moe = MixtralForCausalLM(config)
     dataset = toy_preference_dataset(4)
     losses_by_coef = {}
     for coef in (0.5, 0.0):
-        trainer = build(copy.deepcopy(moe), tokenizer, dataset, tmp_path / str(coef), loss_type="alpha_dpo",
-                        router_aux_loss_coef=coef, per_device_train_batch_size=4)
+        trainer = build(
+            copy.deepcopy(moe),
+            tokenizer,
+            dataset,
+            tmp_path / str(coef),
+            loss_type="alpha_dpo",
+            router_aux_loss_coef=coef,
+            per_device_train_batch_size=4,
+        )
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         trainer.model.train()
         losses_by_coef[coef] = trainer.compute_loss(trainer.model, batch).item()

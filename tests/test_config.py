@@ -6,6 +6,7 @@ from trl import DPOConfig as TRLDPOConfig
 
 from trl_refpo import RefPOTrainer, available_loss_types
 
+
 NAN, INF = float("nan"), float("inf")
 
 

@@ -15,6 +15,7 @@ from trl_refpo import RefPOConfig, RefPOTrainer
 from trl_refpo.diagnostics import gradient_magnitude_metrics
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
 
+
 EXPECTED = "text (a string) or chat messages (a list of dicts with 'role' and 'content')"
 
 
@@ -30,8 +31,11 @@ def model(tokenizer):
 
 def build(model, tokenizer, dataset, tmp_path, eval_dataset=None, **config):
     return RefPOTrainer(
-        model=copy.deepcopy(model), args=tiny_args(tmp_path, **config), train_dataset=dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer,
+        model=copy.deepcopy(model),
+        args=tiny_args(tmp_path, **config),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
 
 
@@ -73,8 +77,12 @@ def test_missing_column_is_named(loss_type, model, tokenizer, tmp_path):
 def test_bad_value_names_column_and_row(column, values, shown, model, tokenizer, tmp_path):
     columns = {"chosen": TEXT, "rejected": TEXT, column: values}
     if isinstance(values[0], list) and isinstance(values[0][0], dict):
-        columns = {"prompt": [[{"role": "user", "content": t}] for t in TEXT], "chosen": MESSAGES,
-                   "rejected": MESSAGES, column: values}
+        columns = {
+            "prompt": [[{"role": "user", "content": t}] for t in TEXT],
+            "chosen": MESSAGES,
+            "rejected": MESSAGES,
+            column: values,
+        }
     dataset = Dataset.from_dict(columns) if "prompt" in columns else rows(**columns)
     expected = f"Column '{column}' of the train dataset must hold {EXPECTED}, but {shown}. Fix or drop that row."
     for loss_type in ("sigmoid", "simpo"):
@@ -159,7 +167,9 @@ def test_grad_ratio_is_left_out_when_chosen_gradient_is_zero():
     assert gradient_magnitude_metrics(zeros, zeros) == {"grad/chosen_abs": 0.0, "grad/rejected_abs": 0.0}
     assert gradient_magnitude_metrics(zeros, torch.ones(4)) == {"grad/chosen_abs": 0.0, "grad/rejected_abs": 1.0}
     assert gradient_magnitude_metrics(torch.full((4,), 2.0), -torch.ones(4)) == {
-        "grad/chosen_abs": 2.0, "grad/rejected_abs": 1.0, "grad/ratio": 0.5,
+        "grad/chosen_abs": 2.0,
+        "grad/rejected_abs": 1.0,
+        "grad/ratio": 0.5,
     }
 
 

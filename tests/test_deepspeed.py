@@ -11,11 +11,12 @@ import json
 from pathlib import Path
 
 import pytest
-
-import trl_refpo
 from deepspeed_launcher import DEEPSPEED_MISSING, deepspeed_available, launch_deepspeed
 from deepspeed_worker import CASES, run_case
+
+import trl_refpo
 from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer
+
 
 TESTS = Path(__file__).resolve().parent
 EPSILON_MISSING = "epsilon_dpo is not a loss type of this trl_refpo (trl_refpo.available_loss_types())"
@@ -38,8 +39,10 @@ def ref_path(tmp_path_factory):
 def single_process(ref_path, tmp_path_factory):
     """Each case in this process, no DeepSpeed, one device holding the 2-process global batch."""
     out = tmp_path_factory.mktemp("single")
-    return {name: run_case(name, str(out), str(ref_path), per_device_batch_size=4, use_cpu=True)
-            for name in available_cases()}
+    return {
+        name: run_case(name, str(out), str(ref_path), per_device_batch_size=4, use_cpu=True)
+        for name in available_cases()
+    }
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])

@@ -16,6 +16,7 @@ from trl_refpo.diagnostics import completion_logp_gradients, gradient_magnitude_
 from trl_refpo.research.token_analysis import TokenLevelAnalysisCallback, token_level_analysis
 from trl_refpo.testing import toy_preference_dataset
 
+
 PAD, A, B_, EOS, C, D = range(6)
 LOG2, LOG6, LOG12 = math.log(2), math.log(6), math.log(12)
 
@@ -43,10 +44,12 @@ def bigram_case():
     table = uniform_table()
     table[A] = torch.tensor([1 / 6, 1 / 6, 1 / 6, 1 / 12, 1 / 6, 1 / 4]).log()  # after 'a': EOS halved, 'd' × 1.5
     policy = BigramLM(table)
-    dataset = Dataset.from_list([
-        {"prompt_ids": [A], "chosen_ids": [B_, EOS], "rejected_ids": [A, EOS]},
-        {"prompt_ids": [B_], "chosen_ids": [A, D], "rejected_ids": [C, A, EOS]},
-    ])
+    dataset = Dataset.from_list(
+        [
+            {"prompt_ids": [A], "chosen_ids": [B_, EOS], "rejected_ids": [A, EOS]},
+            {"prompt_ids": [B_], "chosen_ids": [A, D], "rejected_ids": [C, A, EOS]},
+        ]
+    )
     return policy, reference, dataset
 
 
@@ -54,8 +57,9 @@ def bigram_case():
 def test_token_analysis_hand_computed(bigram_case, batch_size, tmp_path):
     policy, reference, dataset = bigram_case
     figure = str(tmp_path / "tokens.png")
-    result = token_level_analysis(policy, reference, dataset, min_count=2, top_k=5, batch_size=batch_size,
-                                  eos_token_id=EOS, figure_path=figure)
+    result = token_level_analysis(
+        policy, reference, dataset, min_count=2, top_k=5, batch_size=batch_size, eos_token_id=EOS, figure_path=figure
+    )
     # Completion tokens (previous token → token): chosen b|a, eos|b, a|b, d|a; rejected a|a, eos|a, c|b, a|c, eos|a.
     rows = {row.token_id: row for row in result.table.itertuples()}
     assert {token: rows[token].count for token in rows} == {A: 3, B_: 1, EOS: 3, C: 1, D: 1}
@@ -85,18 +89,24 @@ def test_token_analysis_of_identical_models_is_zero_on_raw_text(model, tokenizer
     assert result.table.mean_logp_diff.abs().max() < 1e-5
     eos_row = result.table[result.table.token_id == tokenizer.eos_token_id].iloc[0]
     assert eos_row["count"] == 12 and eos_row["token"] == "<eos>"  # TRL appended EOS to every completion
-    expected_tokens = sum(len(tokenizer(row["chosen"] + " <eos>")["input_ids"]) +
-                          len(tokenizer(row["rejected"] + " <eos>")["input_ids"]) for row in dataset)
+    expected_tokens = sum(
+        len(tokenizer(row["chosen"] + " <eos>")["input_ids"]) + len(tokenizer(row["rejected"] + " <eos>")["input_ids"])
+        for row in dataset
+    )
     assert result.table["count"].sum() == expected_tokens
 
 
 def test_callback_runs_at_evaluation_and_writes_files(model, tokenizer, tmp_path):
     callback = TokenLevelAnalysisCallback(min_count=1, max_examples=4)
     trainer = RefPOTrainer(
-        model=model, args=tiny_args(tmp_path, loss_type="sigmoid", max_steps=2, learning_rate=5e-2,
-                                    eval_strategy="steps", eval_steps=2),
-        train_dataset=toy_preference_dataset(8), eval_dataset=toy_preference_dataset(4, seed=2),
-        processing_class=tokenizer, callbacks=[callback],
+        model=model,
+        args=tiny_args(
+            tmp_path, loss_type="sigmoid", max_steps=2, learning_rate=5e-2, eval_strategy="steps", eval_steps=2
+        ),
+        train_dataset=toy_preference_dataset(8),
+        eval_dataset=toy_preference_dataset(4, seed=2),
+        processing_class=tokenizer,
+        callbacks=[callback],
     )
     before = trainer.evaluate()
     assert before["eval_token/eos_logp_diff"] == pytest.approx(0.0, abs=1e-6)  # policy = its initial copy
@@ -148,9 +158,12 @@ def test_trainer_logs_gradient_magnitudes(model, tokenizer, tmp_path):
     """First batch, policy = reference: every DPO logit is 0, so |∂ℓ/∂lp(y_w)| = β⁺/2 and |∂ℓ/∂lp(y_l)| = β⁻/2;
     the sft term adds γ·B/N_chosen-tokens to the chosen side."""
     trainer = RefPOTrainer(
-        model=model, args=tiny_args(tmp_path, loss_type=["flex_dpo", "sft"], loss_weights=[1.0, 0.3],
-                                    beta_chosen=0.1, beta_rejected=0.05),
-        train_dataset=toy_preference_dataset(8), processing_class=tokenizer,
+        model=model,
+        args=tiny_args(
+            tmp_path, loss_type=["flex_dpo", "sft"], loss_weights=[1.0, 0.3], beta_chosen=0.1, beta_rejected=0.05
+        ),
+        train_dataset=toy_preference_dataset(8),
+        processing_class=tokenizer,
     )
     trainer.model.train()
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
@@ -178,9 +191,12 @@ def test_policy_ranking_accuracy_on_eval(loss_type, model, tokenizer, tmp_path):
         for parameter in trained.parameters():
             parameter.add_(0.3 * torch.randn_like(parameter))
     trainer = RefPOTrainer(
-        model=trained, ref_model=copy.deepcopy(model) if loss_type == "sigmoid" else None,
-        args=tiny_args(tmp_path, loss_type=loss_type), train_dataset=toy_preference_dataset(8),
-        eval_dataset=toy_preference_dataset(16, seed=4), processing_class=tokenizer,
+        model=trained,
+        ref_model=copy.deepcopy(model) if loss_type == "sigmoid" else None,
+        args=tiny_args(tmp_path, loss_type=loss_type),
+        train_dataset=toy_preference_dataset(8),
+        eval_dataset=toy_preference_dataset(16, seed=4),
+        processing_class=tokenizer,
     )
     expected = policy_ranking_accuracy(trainer.model, trainer.eval_dataset, trainer.data_collator)
     assert 0 < expected < 1

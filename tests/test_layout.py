@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+
 PACKAGE = Path(__file__).resolve().parents[1] / "trl_refpo"
 
 
@@ -59,16 +60,22 @@ def wing(module: str) -> str:
 )
 def test_wings_import_down_only(importer, forbidden):
     broken = [
-        (module, target) for module, targets in MODULES.items() if wing(module) == importer
-        for target, _ in targets if wing(target) in forbidden
+        (module, target)
+        for module, targets in MODULES.items()
+        if wing(module) == importer
+        for target, _ in targets
+        if wing(target) in forbidden
     ]
     assert broken == []
 
 
 def test_only_cli_and_research_import_research():
     broken = [
-        (module, target) for module, targets in MODULES.items() if wing(module) not in ("cli", "research")
-        for target, _ in targets if wing(target) == "research"
+        (module, target)
+        for module, targets in MODULES.items()
+        if wing(module) not in ("cli", "research")
+        for target, _ in targets
+        if wing(target) == "research"
     ]
     assert broken == []
 
@@ -77,7 +84,10 @@ def test_no_function_level_import_of_the_package():
     """A function-level import of our own module is how a cycle gets hidden. The only ones are the CLI's dispatch to
     a subcommand's module, loaded on demand (``trl-refpo study`` needs the research extra, ``trl-refpo dpo`` does not)."""
     hidden = [(module, target) for module, targets in MODULES.items() for target, inside in targets if inside]
-    assert set(hidden) == {("trl_refpo.cli", "trl_refpo.cli.study"), ("trl_refpo.cli.study", "trl_refpo.cli.study_runner")}
+    assert set(hidden) == {
+        ("trl_refpo.cli", "trl_refpo.cli.study"),
+        ("trl_refpo.cli.study", "trl_refpo.cli.study_runner"),
+    }
 
 
 def test_import_loads_no_matplotlib_and_no_research_code():

@@ -17,10 +17,14 @@ from peft import LoraConfig
 from trl_refpo import RefPOTrainer, available_loss_types
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
 
+
 NUM_PAIRS = 8  # one batch holds the whole dataset, so every logged step averages the same pairs
 TYPO_GENERATION = dict(
-    typo_generate_ref_completions=True, typo_generation_max_new_tokens=5, typo_generation_top_k=1,
-    typo_generation_batch_size=1, typo_generation_repetition_penalty=1.0,  # greedy, unpadded: as `greedy_completions`
+    typo_generate_ref_completions=True,
+    typo_generation_max_new_tokens=5,
+    typo_generation_top_k=1,
+    typo_generation_batch_size=1,
+    typo_generation_repetition_penalty=1.0,  # greedy, unpadded: as `greedy_completions`
 )
 LOSS_CONFIGS = {
     "sigmoid": dict(beta=0.5),  # TRL's own loss code
@@ -74,9 +78,7 @@ def base_reference_logps(base, dataset, prior: bool) -> tuple[float, float]:
     prefix = "ref_" if prior else ""  # the prior scores the reference-side rows: BOS, then the completion
     means = []
     for side in ("chosen", "rejected"):
-        values = [
-            sequence_logps(base, row[f"{prefix}prompt_ids"], row[f"{prefix}{side}_ids"]) for row in dataset
-        ]
+        values = [sequence_logps(base, row[f"{prefix}prompt_ids"], row[f"{prefix}{side}_ids"]) for row in dataset]
         means.append(sum(values) / len(values))
     return tuple(means)
 
@@ -86,8 +88,12 @@ def greedy_completions(model, prompts, max_new_tokens, eos_token_id) -> list[lis
     completions = []
     for prompt in prompts:
         output = model.generate(
-            input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-            max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=eos_token_id, eos_token_id=eos_token_id,
+            input_ids=torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=eos_token_id,
+            eos_token_id=eos_token_id,
         )[0, len(prompt) :].tolist()
         if eos_token_id in output:
             output = output[: output.index(eos_token_id) + 1]
@@ -106,11 +112,19 @@ def test_lora_trains_against_the_adapter_disabled_base(loss_type, tmp_path):
     if loss_type == "typo":
         config["typo_generation_cache_dir"] = str(tmp_path / "completions")
     args = tiny_args(
-        tmp_path / "run", loss_type=loss_type, per_device_train_batch_size=NUM_PAIRS, max_steps=5,
-        learning_rate=1e-2, lr_scheduler_type="constant", **config,
+        tmp_path / "run",
+        loss_type=loss_type,
+        per_device_train_batch_size=NUM_PAIRS,
+        max_steps=5,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        **config,
     )
     trainer = RefPOTrainer(
-        model=model, args=args, train_dataset=toy_preference_dataset(NUM_PAIRS), processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=toy_preference_dataset(NUM_PAIRS),
+        processing_class=tokenizer,
         peft_config=lora_config(),
     )
     assert trainer.ref_model is None

@@ -15,8 +15,10 @@ from trl_refpo.testing import tiny_bpe_tokenizer, tiny_tokenizer, toy_preference
 def tokenized():
     policy = tiny_tokenizer()
     dataset = toy_preference_dataset(4).map(
-        lambda example: {f"{c}_ids": policy(example[c], add_special_tokens=False)["input_ids"]
-                         for c in ("prompt", "chosen", "rejected")}
+        lambda example: {
+            f"{c}_ids": policy(example[c], add_special_tokens=False)["input_ids"]
+            for c in ("prompt", "chosen", "rejected")
+        }
     )
     return policy, dataset
 

@@ -7,18 +7,22 @@ import pytest
 import torch
 from conftest import tiny_args
 from model_families import moved
+from oracles import naive_epsilon_dpo
 
 from trl_refpo import RefPOTrainer
-from oracles import naive_epsilon_dpo
 from trl_refpo.testing import tiny_llava, toy_vision_preference_dataset
+
 
 BETA = 0.1
 
 
 def llava_trainer(tmp_path, policy, processor, ref_model=None, dataset=None, **config):
     return RefPOTrainer(
-        model=policy, ref_model=ref_model, args=tiny_args(tmp_path, **config),
-        train_dataset=dataset if dataset is not None else toy_vision_preference_dataset(8), processing_class=processor,
+        model=policy,
+        ref_model=ref_model,
+        args=tiny_args(tmp_path, **config),
+        train_dataset=dataset if dataset is not None else toy_vision_preference_dataset(8),
+        processing_class=processor,
     )
 
 
@@ -38,8 +42,9 @@ def direct_logps(model, batch, with_images=True):
 def test_policy_and_reference_log_probs_are_those_of_a_forward_with_the_images(tmp_path):
     reference, processor = tiny_llava()
     policy = moved(reference, 1)
-    trainer = llava_trainer(tmp_path, copy.deepcopy(policy), processor, ref_model=copy.deepcopy(reference),
-                            loss_type="flex_dpo", beta=BETA)
+    trainer = llava_trainer(
+        tmp_path, copy.deepcopy(policy), processor, ref_model=copy.deepcopy(reference), loss_type="flex_dpo", beta=BETA
+    )
     batch = first_batch(trainer)
     trainer.compute_loss(trainer.model, batch)
     metrics = {key: values[-1] for key, values in trainer._metrics["train"].items()}
@@ -48,17 +53,28 @@ def test_policy_and_reference_log_probs_are_those_of_a_forward_with_the_images(t
         text_only = direct_logps(policy, batch, with_images=False)
     assert (policy_logps - text_only).abs().max() > 1e-3, "the images must matter for this test to check anything"
     num_pairs = batch["input_ids"].size(0) // 2
-    for key, expected in [("logps/chosen", policy_logps[:num_pairs]), ("logps/rejected", policy_logps[num_pairs:]),
-                          ("logps/ref_chosen", reference_logps[:num_pairs]),
-                          ("logps/ref_rejected", reference_logps[num_pairs:])]:
+    for key, expected in [
+        ("logps/chosen", policy_logps[:num_pairs]),
+        ("logps/rejected", policy_logps[num_pairs:]),
+        ("logps/ref_chosen", reference_logps[:num_pairs]),
+        ("logps/ref_rejected", reference_logps[num_pairs:]),
+    ]:
         assert metrics[key] == pytest.approx(expected.mean().item(), abs=1e-5), key
 
 
 def test_epsilon_dpo_decisions_equal_the_full_logits_computation_with_images(tmp_path):
     reference, processor = tiny_llava()
     policy = moved(reference, 1, scale=0.2)
-    trainer = llava_trainer(tmp_path, copy.deepcopy(policy), processor, ref_model=copy.deepcopy(reference),
-                            loss_type="epsilon_dpo", beta=BETA, epsilon=0.5, per_device_train_batch_size=8)
+    trainer = llava_trainer(
+        tmp_path,
+        copy.deepcopy(policy),
+        processor,
+        ref_model=copy.deepcopy(reference),
+        loss_type="epsilon_dpo",
+        beta=BETA,
+        epsilon=0.5,
+        per_device_train_batch_size=8,
+    )
     batch = first_batch(trainer)
     expected_steps, expected_beta, expected_loss = naive_epsilon_dpo(policy, reference, batch, BETA, 0.5)
     assert set(expected_steps.tolist()) - {0}, "a test where every step is 0 checks nothing"
@@ -74,11 +90,23 @@ def test_epsilon_dpo_decisions_equal_the_full_logits_computation_with_images(tmp
 def test_reference_free_types_train_on_images_and_the_vision_tower_learns(loss_type, tmp_path):
     model, processor = tiny_llava()
     # every vision-tower weight but the post-layernorm (Llava reads the last layer's hidden states before it)
-    before = {name: p.detach().clone() for name, p in model.named_parameters()
-              if "vision_tower" in name and "post_layernorm" not in name}
+    before = {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if "vision_tower" in name and "post_layernorm" not in name
+    }
     dataset = toy_vision_preference_dataset(4)
-    trainer = llava_trainer(tmp_path, model, processor, dataset=dataset, loss_type=loss_type, beta=2.5,
-                            max_steps=12, learning_rate=3e-3, eval_strategy="no")
+    trainer = llava_trainer(
+        tmp_path,
+        model,
+        processor,
+        dataset=dataset,
+        loss_type=loss_type,
+        beta=2.5,
+        max_steps=12,
+        learning_rate=3e-3,
+        eval_strategy="no",
+    )
     assert trainer.ref_model is None and trainer.args.precompute_ref_log_probs is False
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -96,8 +124,13 @@ def test_typo_supplied_columns_and_precompute_are_refused_on_vision_data(tmp_pat
     with pytest.raises(ValueError, match="precompute_ref_log_probs=True` is not supported for vision datasets"):
         llava_trainer(tmp_path, model, processor, loss_type="flex_dpo", precompute_ref_log_probs=True)
     with pytest.raises(ValueError, match="extra completions .* do not support vision datasets"):
-        llava_trainer(tmp_path, model, processor, loss_type="typo",
-                      dataset=toy_vision_preference_dataset(4).add_column("ref_completion", [" a"] * 4))
+        llava_trainer(
+            tmp_path,
+            model,
+            processor,
+            loss_type="typo",
+            dataset=toy_vision_preference_dataset(4).add_column("ref_completion", [" a"] * 4),
+        )
     columns = toy_vision_preference_dataset(4)
     columns = columns.add_column("ref_chosen_logps", [-1.0] * 4).add_column("ref_rejected_logps", [-2.0] * 4)
     with pytest.raises(ValueError, match="Supplied reference log-prob columns .* not supported with vision datasets"):

@@ -14,12 +14,13 @@ import json
 from pathlib import Path
 
 import pytest
+from deepspeed_launcher import DEEPSPEED_MISSING, deepspeed_available, launch_deepspeed
 from transformers import AutoModelForCausalLM
 from trl.trainer.utils import hash_module
-
-from deepspeed_launcher import DEEPSPEED_MISSING, deepspeed_available, launch_deepspeed
-from trl_refpo.testing import save_tiny_llama, tiny_tokenizer
 from zero3_exactness_worker import IN_MEMORY_LOSS_TYPES, run_all
+
+from trl_refpo.testing import save_tiny_llama, tiny_tokenizer
+
 
 TESTS = Path(__file__).resolve().parent
 
@@ -30,8 +31,10 @@ pytestmark = pytest.mark.skipif(not deepspeed_available(), reason=DEEPSPEED_MISS
 def checkpoints(tmp_path_factory):
     """The policy and two references: same architecture and tokenizer, different weights."""
     tokenizer = tiny_tokenizer()
-    return [str(save_tiny_llama(tmp_path_factory.mktemp(name), tokenizer, seed=seed))
-            for name, seed in (("policy", 0), ("ref_a", 1), ("ref_b", 2))]
+    return [
+        str(save_tiny_llama(tmp_path_factory.mktemp(name), tokenizer, seed=seed))
+        for name, seed in (("policy", 0), ("ref_a", 1), ("ref_b", 2))
+    ]
 
 
 @pytest.fixture(scope="module")

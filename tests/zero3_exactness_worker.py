@@ -18,6 +18,7 @@ import os
 import sys
 from pathlib import Path
 
+
 IN_MEMORY_LOSS_TYPES = ("sigmoid", "alpha_dpo", "epsilon_dpo")
 STEPS = 2
 NUM_EXAMPLES = 8  # STEPS × global batch 4, in dataset order
@@ -27,9 +28,20 @@ def _config(out: str, name: str, per_device_batch_size: int, use_cpu: bool, **ov
     from trl_refpo import RefPOConfig
 
     config = dict(
-        output_dir=f"{out}/{name}", bf16=False, gradient_checkpointing=False, report_to=[], disable_tqdm=True,
-        per_device_train_batch_size=per_device_batch_size, max_steps=STEPS, logging_steps=1, save_strategy="no",
-        learning_rate=1e-3, beta=0.1, train_sampling_strategy="sequential", seed=0, dataloader_num_workers=0,
+        output_dir=f"{out}/{name}",
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        disable_tqdm=True,
+        per_device_train_batch_size=per_device_batch_size,
+        max_steps=STEPS,
+        logging_steps=1,
+        save_strategy="no",
+        learning_rate=1e-3,
+        beta=0.1,
+        train_sampling_strategy="sequential",
+        seed=0,
+        dataloader_num_workers=0,
         **overrides,
     )
     if use_cpu:
@@ -47,7 +59,9 @@ def run_in_memory(loss_type: str, out: str, policy: str, per_device_batch_size: 
     args = _config(out, f"in_memory_{loss_type}", per_device_batch_size, use_cpu, loss_type=[loss_type], **extra)
     model = AutoModelForCausalLM.from_pretrained(policy)  # after the config: partitioned by zero.Init under ZeRO-3
     trainer = RefPOTrainer(
-        model=model, args=args, train_dataset=toy_preference_dataset(NUM_EXAMPLES, seed=3),
+        model=model,
+        args=args,
+        train_dataset=toy_preference_dataset(NUM_EXAMPLES, seed=3),
         processing_class=AutoTokenizer.from_pretrained(policy),
     )
     trainer.train()
@@ -67,8 +81,14 @@ def run_cached(reference: str, out: str, policy: str, cache_dir: str, use_cpu: b
     from trl_refpo.reference import precompute
 
     args = _config(
-        out, "cache", 2, use_cpu, loss_type=["flex_dpo"], precompute_ref_log_probs=True,
-        ref_model_name_or_path=reference, ref_logps_cache_dir=cache_dir,
+        out,
+        "cache",
+        2,
+        use_cpu,
+        loss_type=["flex_dpo"],
+        precompute_ref_log_probs=True,
+        ref_model_name_or_path=reference,
+        ref_logps_cache_dir=cache_dir,
     )
     keys = []
     original = precompute.cache_key_parts
@@ -83,7 +103,8 @@ def run_cached(reference: str, out: str, policy: str, cache_dir: str, use_cpu: b
         from trl_refpo.testing import toy_preference_dataset
 
         trainer = RefPOTrainer(
-            model=AutoModelForCausalLM.from_pretrained(policy), args=args,
+            model=AutoModelForCausalLM.from_pretrained(policy),
+            args=args,
             train_dataset=toy_preference_dataset(NUM_EXAMPLES, seed=3),
             processing_class=AutoTokenizer.from_pretrained(policy),
         )

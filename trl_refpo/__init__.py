@@ -17,6 +17,7 @@ from .objectives.base import Objective
 from .objectives.registry import OBJECTIVES, available_loss_types, register_objective
 from .trainer import RefPOTrainer
 
+
 DPOConfig = RefPOConfig
 DPOTrainer = RefPOTrainer
 

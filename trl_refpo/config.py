@@ -18,6 +18,7 @@ from .objectives.registry import OBJECTIVES, available_loss_types, field_owners,
 from .objectives.trl_losses import TRL_LOSS_TYPES
 from .reference.rules import refuse_partial_reference, refuse_sync_with_other_tokenizer
 
+
 # The ranges of TRL's own numeric fields (those of the trl-refpo loss types are declared by their Objective classes).
 TRL_FIELD_RANGES = {
     "beta": positive(),

@@ -19,9 +19,14 @@ from datasets import Dataset, IterableDataset
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import pad
 
+
 FLOAT_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")
 REF_ID_COLUMNS = (
-    "ref_prompt_ids", "ref_chosen_ids", "ref_rejected_ids", "ref_chosen_prompt_start", "ref_rejected_prompt_start"
+    "ref_prompt_ids",
+    "ref_chosen_ids",
+    "ref_rejected_ids",
+    "ref_chosen_prompt_start",
+    "ref_rejected_prompt_start",
 )
 
 
@@ -76,7 +81,9 @@ class RefPODataCollator(DataCollatorForPreference):
             elif self.truncation_mode == "keep_end":
                 window = slice(-self.max_length, None)
             else:
-                raise ValueError(f"Unsupported truncation_mode {self.truncation_mode!r}: use 'keep_start' or 'keep_end'.")
+                raise ValueError(
+                    f"Unsupported truncation_mode {self.truncation_mode!r}: use 'keep_start' or 'keep_end'."
+                )
             input_ids = [ids[window] for ids in input_ids]
             completion_mask = [mask[window] for mask in completion_mask]
 

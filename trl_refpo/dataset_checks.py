@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets import Dataset
 
+
 REQUIRED_COLUMNS = ("chosen", "rejected")
 TEXT_COLUMNS = ("prompt", *REQUIRED_COLUMNS)
 EXPECTED = "text (a string) or chat messages (a list of dicts with 'role' and 'content')"
@@ -43,7 +44,11 @@ def check_preference_dataset(dataset, name: str) -> None:
     for column in TEXT_COLUMNS:
         if column not in column_names:
             continue
-        bad = _first_bad_arrow_row(dataset, column) if isinstance(dataset, Dataset) else _first_bad_example(dataset, column)
+        bad = (
+            _first_bad_arrow_row(dataset, column)
+            if isinstance(dataset, Dataset)
+            else _first_bad_example(dataset, column)
+        )
         if bad is not None:
             row, value, why = bad
             raise ValueError(

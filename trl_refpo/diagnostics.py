@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+
 # --------------------------------------------------------------------------------------------- 3D-properties
 
 

@@ -13,6 +13,7 @@ from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>"]
 LETTERS = list("abcdefgh")
 DIGITS = [str(d) for d in range(10)]
@@ -26,7 +27,9 @@ CHAT_TEMPLATE = (
 
 def tiny_tokenizer(extra_words: list[str] | None = None, with_chat_template: bool = True) -> PreTrainedTokenizerFast:
     """A whitespace WordLevel tokenizer over a small fixed vocabulary (plus ``extra_words``)."""
-    vocab_words = SPECIAL_TOKENS + ["<user>", "<assistant>", "<system>"] + LETTERS + DIGITS + WORDS + (extra_words or [])
+    vocab_words = (
+        SPECIAL_TOKENS + ["<user>", "<assistant>", "<system>"] + LETTERS + DIGITS + WORDS + (extra_words or [])
+    )
     vocab = {word: index for index, word in enumerate(dict.fromkeys(vocab_words))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -115,7 +118,9 @@ def tiny_bpe_tokenizer(vocab_size: int = 96, with_chat_template: bool = True) ->
     corpus = [row["prompt"] + row["chosen"] for row in dataset] + [row["prompt"] + row["rejected"] for row in dataset]
     backend.train_from_iterator(corpus, trainer)
     bos_id = backend.token_to_id("<s>")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", bos_id)]
+    )
     backend.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
@@ -132,9 +137,17 @@ def tiny_causal_lm(family: str, tokenizer, seed: int = 0):
     import transformers
 
     common = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
     )
     moe = dict(num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.01)
     configs = {
@@ -144,9 +157,17 @@ def tiny_causal_lm(family: str, tokenizer, seed: int = 0):
         "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.5)),
         "lfm2": ("Lfm2Config", "Lfm2ForCausalLM", dict(layer_types=["conv", "full_attention"])),
         "nemotron_h": (
-            "NemotronHConfig", "NemotronHForCausalLM",
-            dict(layers_block_type=["mamba", "attention"], head_dim=8, mamba_num_heads=4, mamba_head_dim=16,
-                 ssm_state_size=8, n_groups=1, chunk_size=16),
+            "NemotronHConfig",
+            "NemotronHForCausalLM",
+            dict(
+                layers_block_type=["mamba", "attention"],
+                head_dim=8,
+                mamba_num_heads=4,
+                mamba_head_dim=16,
+                ssm_state_size=8,
+                n_groups=1,
+                chunk_size=16,
+            ),
         ),
         "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(moe_intermediate_size=32, num_experts=4, **moe)),
         "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(head_dim=8, num_local_experts=4, **moe)),
@@ -164,20 +185,33 @@ def tiny_llava(seed: int = 0, image_size: int = 16, patch_size: int = 4):
     """A random tiny Llava (CLIP vision tower, projector, Llama text model) and its processor, built in code.
 
     The processor expands each ``<image>`` of a prompt into ``(image_size / patch_size)² + 1`` image tokens."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
-    from transformers import LlavaProcessor
+    from transformers import (
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tokenizer = tiny_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     text_config = tiny_llama(tokenizer).config
     vision_config = CLIPVisionConfig(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=image_size,
-        patch_size=patch_size, projection_dim=16,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=16,
     )
     config = LlavaConfig(
-        text_config=text_config, vision_config=vision_config,
+        text_config=text_config,
+        vision_config=vision_config,
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=False,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
@@ -185,8 +219,12 @@ def tiny_llava(seed: int = 0, image_size: int = 16, patch_size: int = 4):
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
     processor = LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="full", image_token=IMAGE_TOKEN, num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="full",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
     )
     return model, processor
 

@@ -22,8 +22,8 @@ from trl import DPOTrainer as _TRLDPOTrainer
 from trl.trainer import dpo_trainer as _trl_dpo_module
 
 from .config import RefPOConfig
-from .dataset_checks import check_preference_datasets
 from .data import FLOAT_COLUMNS, REF_ID_COLUMNS, RefPODataCollator, report_dropped_rows, require_rows
+from .dataset_checks import check_preference_datasets
 from .diagnostics import logp_gradient_metrics
 from .heads.completion import completion_logps, model_inputs
 from .heads.perturbation import PerturbationScorer
@@ -33,6 +33,7 @@ from .reference.handle import is_zero3, scoring_handle
 from .reference.precompute import precompute_reference_logps
 from .reference.setup import is_vision_example, setup_reference
 from .reference.sources import ColumnReference
+
 
 STATE_FILE = "trl_refpo_state.json"
 
@@ -130,9 +131,18 @@ class RefPOTrainer(_TRLDPOTrainer):
         check_preference_datasets(train_dataset, eval_dataset)
         self.objectives = build_objectives(args)
         given_ref_model = ref_model  # TYPO may sample from it before training even when it is not kept
-        needs_perturbation = [objective.name for objective in self.objectives if objective.needs_reference_distribution]
+        needs_perturbation = [
+            objective.name for objective in self.objectives if objective.needs_reference_distribution
+        ]
         reference = setup_reference(
-            model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config,
+            model,
+            ref_model,
+            ref_tokenizer,
+            processing_class,
+            args,
+            train_dataset,
+            eval_dataset,
+            peft_config,
             samples_from_reference=any(objective.samples_from_reference(args) for objective in self.objectives),
             full_distribution_for=needs_perturbation,
         )
@@ -181,7 +191,9 @@ class RefPOTrainer(_TRLDPOTrainer):
         self.add_callback(_ControllerCallback(self))
         self.perturbation = None
         if needs_perturbation:  # with PEFT and no ref_model the reference is the policy, adapter disabled
-            self.perturbation = PerturbationScorer(self.model, self.ref_model if self.ref_model is not None else self.model)
+            self.perturbation = PerturbationScorer(
+                self.model, self.ref_model if self.ref_model is not None else self.model
+            )
         self._captured_policy_logps = None
         if not self.uses_pipeline:
             self.model.register_forward_hook(self._capture_policy_logps)
@@ -231,7 +243,11 @@ class RefPOTrainer(_TRLDPOTrainer):
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         return precompute_reference_logps(
-            self.ref_scoring_source, dataset, name, batch_size, self.args,
+            self.ref_scoring_source,
+            dataset,
+            name,
+            batch_size,
+            self.args,
             handle=lambda: scoring_handle(self, before_training=True),
             trl_scoring=None if self.uses_pipeline else self.compute_ref_log_probs,
         )
@@ -268,7 +284,9 @@ class RefPOTrainer(_TRLDPOTrainer):
                 with open(path) as f:
                     self.load_controller_state(json.load(f))
         return super().train(
-            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
 
@@ -317,7 +335,9 @@ class RefPOTrainer(_TRLDPOTrainer):
         )
         with torch.no_grad():
             outputs = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False,
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                use_cache=False,
                 **model_inputs(inputs),
             )
         return loss, outputs
@@ -331,7 +351,12 @@ class RefPOTrainer(_TRLDPOTrainer):
             policy_kwargs["output_router_logits"] = True
         with self._captured_hidden_states("policy"):
             row_logps, per_token_logps, outputs = completion_logps(
-                model, inputs["input_ids"], inputs["attention_mask"], completion_mask, entropy=True, metrics=True,
+                model,
+                inputs["input_ids"],
+                inputs["attention_mask"],
+                completion_mask,
+                entropy=True,
+                metrics=True,
                 **policy_kwargs,
             )
         shift_mask = completion_mask[:, 1:]
@@ -414,7 +439,9 @@ class RefPOTrainer(_TRLDPOTrainer):
         chosen, rejected = slice(0, num_pairs), slice(num_pairs, 2 * num_pairs)
         mean_logits, is_top1 = outputs.mean_logits[:, -seq_len:], outputs.is_top1[:, -seq_len:]
         metrics["logits/chosen"].append(self._gathered_token_mean(mean_logits[chosen], shift_mask[chosen]) or 0.0)
-        metrics["logits/rejected"].append(self._gathered_token_mean(mean_logits[rejected], shift_mask[rejected]) or 0.0)
+        metrics["logits/rejected"].append(
+            self._gathered_token_mean(mean_logits[rejected], shift_mask[rejected]) or 0.0
+        )
         metrics["mean_token_accuracy"].append(self._gathered_token_mean(is_top1[chosen], shift_mask[chosen]) or 0.0)
         if mode == "train":
             tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()

@@ -48,4 +48,3 @@ def _hash_tensor(digest, tensor: torch.Tensor) -> None:
     if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
         tensor = tensor.to(torch.float32)
     digest.update(tensor.numpy().tobytes())
-

@@ -23,6 +23,7 @@ from pathlib import Path
 import jupytext
 import nbclient
 
+
 NOTEBOOK_DIR = Path(__file__).resolve().parent
 PACKAGE_DIR = NOTEBOOK_DIR.parents[1] / "trl_refpo"
 SOURCES = sorted(path.stem for path in NOTEBOOK_DIR.glob("[0-9][0-9]_*.py"))
@@ -40,7 +41,9 @@ def execute(name: str, kernel_name: str | None = None, timeout: int = 1800):
     """The notebook of ``<name>.py``, executed top to bottom in this folder (raises on the first failing cell)."""
     notebook = jupytext.read(NOTEBOOK_DIR / f"{name}.py")
     client = nbclient.NotebookClient(
-        notebook, timeout=timeout, kernel_name=kernel_name or notebook.metadata["kernelspec"]["name"],
+        notebook,
+        timeout=timeout,
+        kernel_name=kernel_name or notebook.metadata["kernelspec"]["name"],
         resources={"metadata": {"path": str(NOTEBOOK_DIR)}},
     )
     client.execute()

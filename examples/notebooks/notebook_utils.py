@@ -21,6 +21,7 @@ import sys
 import warnings
 from pathlib import Path
 
+
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm.auto in a kernel without ipywidgets
 warnings.filterwarnings("ignore", category=FutureWarning)  # transformers 5 renames, raised inside TRL
 os.environ.setdefault("TQDM_DISABLE", "1")  # read when tqdm is imported: no progress bars in the stored outputs
@@ -33,6 +34,7 @@ from trl_refpo.cli import RecipeError, check_model_path  # noqa: E402
 from trl_refpo.research.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
 from trl_refpo.research.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable  # noqa: E402
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README_IMAGES = REPO_ROOT / "docs" / "images"
@@ -139,17 +141,38 @@ def cpu_config(output_dir: str, max_steps: int, learning_rate: float, batch_size
     return fields
 
 
-def train_copy(model, tokenizer, output_dir, train_dataset, eval_dataset=None, *, max_steps, learning_rate,
-               batch_size, train=True, callbacks=None, ref_model=None, ref_tokenizer=None, **fields):
+def train_copy(
+    model,
+    tokenizer,
+    output_dir,
+    train_dataset,
+    eval_dataset=None,
+    *,
+    max_steps,
+    learning_rate,
+    batch_size,
+    train=True,
+    callbacks=None,
+    ref_model=None,
+    ref_tokenizer=None,
+    **fields,
+):
     """A ``DPOTrainer`` on a copy of ``model`` (the initial policy stays untouched), trained unless ``train=False``.
 
     ``fields``: ``DPOConfig`` fields (``loss_type``, ``beta``, ...), on top of :func:`cpu_config`'s.
     """
     args = DPOConfig(**cpu_config(output_dir, max_steps, learning_rate, batch_size, **fields))
     gc.collect()  # the previous run's optimizer state goes before this one allocates its own
-    trainer = DPOTrainer(model=copy.deepcopy(model), args=args, train_dataset=train_dataset,
-                         eval_dataset=eval_dataset, processing_class=tokenizer, callbacks=callbacks,
-                         ref_model=ref_model, ref_tokenizer=ref_tokenizer)
+    trainer = DPOTrainer(
+        model=copy.deepcopy(model),
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+        ref_model=ref_model,
+        ref_tokenizer=ref_tokenizer,
+    )
     trainer.remove_callback(PrinterCallback)  # the notebook plots the logs instead of printing every step
     if train:
         trainer.train()

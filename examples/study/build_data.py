@@ -14,9 +14,11 @@ import os
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 from trl_refpo.research.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
+
 
 NUM_TRAIN, NUM_HELDOUT, SEED = 128, 48, 0
 
@@ -30,8 +32,18 @@ def main() -> None:
             handle.write(json.dumps(row) + "\n")
     with open(folder / "heldout_pairs.jsonl", "w") as handle:
         for index, task in enumerate(heldout):
-            handle.write(json.dumps({"key": f"pair-{index:03d}", "kind": task.kind, "prompt": task.instruction,
-                                     "chosen": task.chosen, "rejected": task.rejected}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "key": f"pair-{index:03d}",
+                        "kind": task.kind,
+                        "prompt": task.instruction,
+                        "chosen": task.chosen,
+                        "rejected": task.rejected,
+                    }
+                )
+                + "\n"
+            )
     print(f"wrote {len(train)} train pairs and {len(heldout)} held-out pairs to {folder}")
 
 

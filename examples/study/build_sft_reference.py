@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
 HERE = Path(__file__).parent
@@ -29,12 +30,25 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     pairs = load_dataset("json", data_files=str(HERE / "data" / "train.jsonl"), split="train")
-    dataset = pairs.map(lambda row: {"prompt": row["prompt"], "completion": row["chosen"]},
-                        remove_columns=pairs.column_names)
+    dataset = pairs.map(
+        lambda row: {"prompt": row["prompt"], "completion": row["chosen"]}, remove_columns=pairs.column_names
+    )
     output_dir = HERE / "sft_reference"
-    args = SFTConfig(output_dir=str(output_dir), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-5,
-                     lr_scheduler_type="constant_with_warmup", warmup_steps=3, logging_steps=4, seed=0,
-                     bf16=False, use_cpu=True, save_strategy="no", report_to=[], max_length=256)
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=16,
+        per_device_train_batch_size=4,
+        learning_rate=1e-5,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=3,
+        logging_steps=4,
+        seed=0,
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        max_length=256,
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(output_dir))

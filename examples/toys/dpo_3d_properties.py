@@ -20,10 +20,12 @@ import time
 
 import matplotlib
 
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from trl_refpo.research import toys  # noqa: E402
+
 
 RUNS = {
     "DPO, scenario 1 (both on-policy)": dict(scenario=1),
@@ -39,16 +41,24 @@ def summary(name, r):
     peak = r.peak_chosen_epoch()
     nats = lambda p0, p1: math.log(max(p1, 1e-300)) - math.log(p0)  # noqa: E731
     print(f"{name}")
-    print(f"  chosen π(y_w|x): {r.chosen_mean[0]:.3f} → peak {r.chosen_mean[peak]:.3f} (epoch {peak + 1}) → final "
-          f"{r.chosen_mean[-1]:.3f}; min over prompts final {r.chosen_min[-1]:.3f}")
-    print(f"  rejected π(y_l|x): {r.rejected_mean[0]:.3f} → epoch 10 {r.rejected_mean[9]:.2e} → final "
-          f"{r.rejected_mean[-1]:.2e}   (Δlog: rejected {nats(r.rejected_mean[0], r.rejected_mean[-1]):.1f} nats, "
-          f"chosen {nats(r.chosen_mean[0], r.chosen_mean[-1]):+.2f} nats)")
-    print(f"  mass outside the prompt's pairs: {r.out_of_pair_mass[0]:.3f} → {r.out_of_pair_mass[-1]:.3f} "
-          f"(unseen block 8–9: {2 * r.unseen_mean[0]:.3f} → {2 * r.unseen_mean[-1]:.3f})")
-    print(f"  |∂ℓ/∂π(y_l)| / |∂ℓ/∂π(y_w)|: {r.grad_rejected_prob[0] / r.grad_chosen_prob[0]:.2f} → "
-          f"{r.grad_rejected_prob[-1] / r.grad_chosen_prob[-1]:.3g};  |∂ℓ/∂lp(y_w)| {r.grad_chosen_logp[0]:.3g} → "
-          f"{r.grad_chosen_logp[-1]:.3g}")
+    print(
+        f"  chosen π(y_w|x): {r.chosen_mean[0]:.3f} → peak {r.chosen_mean[peak]:.3f} (epoch {peak + 1}) → final "
+        f"{r.chosen_mean[-1]:.3f}; min over prompts final {r.chosen_min[-1]:.3f}"
+    )
+    print(
+        f"  rejected π(y_l|x): {r.rejected_mean[0]:.3f} → epoch 10 {r.rejected_mean[9]:.2e} → final "
+        f"{r.rejected_mean[-1]:.2e}   (Δlog: rejected {nats(r.rejected_mean[0], r.rejected_mean[-1]):.1f} nats, "
+        f"chosen {nats(r.chosen_mean[0], r.chosen_mean[-1]):+.2f} nats)"
+    )
+    print(
+        f"  mass outside the prompt's pairs: {r.out_of_pair_mass[0]:.3f} → {r.out_of_pair_mass[-1]:.3f} "
+        f"(unseen block 8–9: {2 * r.unseen_mean[0]:.3f} → {2 * r.unseen_mean[-1]:.3f})"
+    )
+    print(
+        f"  |∂ℓ/∂π(y_l)| / |∂ℓ/∂π(y_w)|: {r.grad_rejected_prob[0] / r.grad_chosen_prob[0]:.2f} → "
+        f"{r.grad_rejected_prob[-1] / r.grad_chosen_prob[-1]:.3g};  |∂ℓ/∂lp(y_w)| {r.grad_chosen_logp[0]:.3g} → "
+        f"{r.grad_chosen_logp[-1]:.3g}"
+    )
 
 
 def main():
@@ -67,9 +77,13 @@ def main():
     figure, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     epochs = range(1, args.epochs + 1)
     dpo = results["DPO, scenario 1 (both on-policy)"]
-    curves = [("chosen mean", dpo.chosen_mean, "tab:blue"), ("chosen min", dpo.chosen_min, "gold"),
-              ("rejected mean", dpo.rejected_mean, "tab:green"), ("rejected max", dpo.rejected_max, "tab:red"),
-              ("outside the pairs", dpo.out_of_pair_mass, "tab:purple")]
+    curves = [
+        ("chosen mean", dpo.chosen_mean, "tab:blue"),
+        ("chosen min", dpo.chosen_min, "gold"),
+        ("rejected mean", dpo.rejected_mean, "tab:green"),
+        ("rejected max", dpo.rejected_max, "tab:red"),
+        ("outside the pairs", dpo.out_of_pair_mass, "tab:purple"),
+    ]
     for label, values, color in curves:
         axes[0, 0].plot(epochs, values, label=label, color=color)
         axes[0, 2].plot(epochs, [max(v, 1e-300) for v in values], label=label, color=color)
@@ -90,7 +104,11 @@ def main():
     axes[1, 0].legend()
     axes[1, 1].set_title("mass outside the prompt's pairs, four scenarios")
     axes[1, 1].legend()
-    for name in ("DPO, scenario 1 (both on-policy)", "Flex-DPO β⁺=0.1 β⁻=0.02, scenario 1", "DPO + 0.1·SFT, scenario 1"):
+    for name in (
+        "DPO, scenario 1 (both on-policy)",
+        "Flex-DPO β⁺=0.1 β⁻=0.02, scenario 1",
+        "DPO + 0.1·SFT, scenario 1",
+    ):
         axes[1, 2].plot(epochs, results[name].chosen_mean, label=name.split(",")[0] + " chosen")
         axes[1, 2].plot(epochs, results[name].out_of_pair_mass, linestyle="--", label=name.split(",")[0] + " outside")
     axes[1, 2].set_title("regularisation (scenario 1)")

@@ -15,6 +15,7 @@ import time
 
 import matplotlib
 
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -43,11 +44,19 @@ def main():
             policy = sweep.policy(method, lam)[0]
             to_ref = (policy - sweep.pi_ref[0]).abs().max().item()
             theory = {"typo": toys.typo_population_optimum, "dpo": toys.dpo_population_optimum}.get(method)
-            optimum = "" if theory is None else "  optimum (" + ", ".join(
-                f"{p:.3f}" for p in theory(toys.INTERPOLATION_PI_STAR, toys.INTERPOLATION_PI_REF, lam)[0].tolist()
-            ) + ")"
-            print(f"  {method:5s} λ = {lam:<7g} π_θ = ({', '.join(f'{p:.3f}' for p in policy.tolist())})  "
-                  f"to π_ref {to_ref:.3f}{optimum}")
+            optimum = (
+                ""
+                if theory is None
+                else "  optimum ("
+                + ", ".join(
+                    f"{p:.3f}" for p in theory(toys.INTERPOLATION_PI_STAR, toys.INTERPOLATION_PI_REF, lam)[0].tolist()
+                )
+                + ")"
+            )
+            print(
+                f"  {method:5s} λ = {lam:<7g} π_θ = ({', '.join(f'{p:.3f}' for p in policy.tolist())})  "
+                f"to π_ref {to_ref:.3f}{optimum}"
+            )
 
     figure, axes = plt.subplots(2, 3, figsize=(14, 8))
     colors = ["tab:blue", "tab:orange", "tab:green"]
@@ -55,7 +64,12 @@ def main():
         run = curves.index(method, 1e-5)
         axis = axes[0, column]
         for response, color in enumerate(colors):
-            axis.plot(curves.recorded_steps, curves.trajectory[:, run, 0, response], color=color, label=f"π(y_{'abc'[response]})")
+            axis.plot(
+                curves.recorded_steps,
+                curves.trajectory[:, run, 0, response],
+                color=color,
+                label=f"π(y_{'abc'[response]})",
+            )
             axis.axhline(toys.INTERPOLATION_PI_STAR[response], color=color, linestyle="--", linewidth=0.8)
         axis.set_title(f"{method.upper()}, λ = 1e-5 (dashed: π*)")
         axis.set_xlabel("step")

@@ -16,6 +16,7 @@ import time
 
 import matplotlib
 
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
@@ -32,7 +33,9 @@ def main():
     start = time.time()
     result = toys.preservation_test(steps=args.steps, seed=args.seed)
     reference_error = toys.total_variation(result.pi_ref, result.pi_star)
-    print(f"π_ref's error (TV to π*): good {reference_error[0]:.3f}, bad {reference_error[1]:.3f}  ({time.time() - start:.1f} s)\n")
+    print(
+        f"π_ref's error (TV to π*): good {reference_error[0]:.3f}, bad {reference_error[1]:.3f}  ({time.time() - start:.1f} s)\n"
+    )
     print(f"{'method':6s} {'λ':>8s}  {'good err':>8s}  {'bad err':>8s}  preserves good & improves bad")
     errors = {}
     for method in toys.BANDIT_METHODS:
@@ -46,8 +49,12 @@ def main():
     for side, title in enumerate(["good prompt (π_ref = π*)", "bad prompt (π_ref ≠ π*)"]):
         axis = axes[side]
         for method in toys.BANDIT_METHODS:
-            axis.plot(toys.PRESERVATION_LAMBDAS, [errors[method, lam][side].item() for lam in toys.PRESERVATION_LAMBDAS], marker="o",
-                      label=method.upper())
+            axis.plot(
+                toys.PRESERVATION_LAMBDAS,
+                [errors[method, lam][side].item() for lam in toys.PRESERVATION_LAMBDAS],
+                marker="o",
+                label=method.upper(),
+            )
         axis.axhline(reference_error[side].item(), color="gray", linestyle="--", label="π_ref")
         axis.set_xscale("log")
         axis.set_xlabel("λ")

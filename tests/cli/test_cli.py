@@ -3,8 +3,8 @@ gives one-line errors, and a tiny end-to-end run trains from a recipe on a local
 
 import importlib.util
 import json
-import os
 import logging
+import os
 import subprocess
 import sys
 import warnings
@@ -14,13 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from deepspeed_launcher import free_port
+
 from trl_refpo.cli import RecipeError, build_trainer, main, parse_recipe, run_dpo
 from trl_refpo.cli.checks import required_packages
 from trl_refpo.cli.quiet import DEEPSPEED_CPU_LINE, silence_project_triggered_warnings
 from trl_refpo.config import RefPOConfig
 from trl_refpo.testing import save_tiny_llama, tiny_bpe_tokenizer, tiny_tokenizer, toy_preference_dataset
+
 
 RECIPES = sorted((Path(__file__).parents[2] / "examples" / "recipes").glob("*.yaml"))
 CPU = ["--use_cpu", "--bf16", "false"]
@@ -56,11 +57,21 @@ def tiny_recipe(tmp_path, model_dir, data, **keys):
     base = dict(
         model_name_or_path=model_dir,
         torch_dtype="float32",
-        dataset_mixture={"datasets": [{"id": data, "split": "train", "columns": ["prompt", "chosen", "rejected"],
-                                       "weight": 1.0}], "seed": 0},
+        dataset_mixture={
+            "datasets": [{"id": data, "split": "train", "columns": ["prompt", "chosen", "rejected"], "weight": 1.0}],
+            "seed": 0,
+        },
         output_dir=str(tmp_path / "out"),
-        use_cpu=True, bf16=False, gradient_checkpointing=False, report_to="none", disable_tqdm=True,
-        per_device_train_batch_size=4, learning_rate=1e-3, max_steps=2, logging_steps=1, save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        disable_tqdm=True,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_steps=2,
+        logging_steps=1,
+        save_strategy="no",
         seed=0,
     )
     base.update(keys)
@@ -97,8 +108,9 @@ def test_cli_flags_override_recipe(tmp_path):
 
 # ------------------------------------------------------------------------------------------ legacy keys
 def test_max_prompt_and_completion_length_set_max_length(tmp_path):
-    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64,
-                        max_completion_length=32)
+    path = write_recipe(
+        tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64, max_completion_length=32
+    )
     parsed = parse_recipe(["--config", path, *CPU])
     assert parsed.training_args.max_length == 96
     assert (parsed.max_prompt_length, parsed.max_completion_length) == (64, 32)
@@ -113,8 +125,14 @@ def test_legacy_length_limits_keep_the_same_text_for_a_cross_tokenizer_reference
     from transformers import AutoTokenizer
 
     limits = {k: v for k, v in (("max_prompt_length", prompt_limit), ("max_completion_length", completion_limit)) if v}
-    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, ref_model_name_or_path=tiny_ref_dir,
-                       ref_tokenizer_name_or_path=tiny_ref_dir, **limits)
+    path = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        tiny_jsonl,
+        ref_model_name_or_path=tiny_ref_dir,
+        ref_tokenizer_name_or_path=tiny_ref_dir,
+        **limits,
+    )
     trainer = build_trainer(parse_recipe(["--config", path]))
     assert len(trainer.train_dataset) == 24  # prompts longer than max_length are cut, not dropped (TRL ≤ 0.19)
     policy_tokenizer, ref_tokenizer = (AutoTokenizer.from_pretrained(d) for d in (tiny_model_dir, tiny_ref_dir))
@@ -143,8 +161,9 @@ def test_legacy_length_limits_keep_the_same_text_for_a_cross_tokenizer_reference
 
 def test_legacy_length_limits_with_a_prior_reference_keep_the_policys_completion(tmp_path, tiny_model_dir, tiny_jsonl):
     """ref_prompt: none (likelihood): the prompt limit does not touch the prior; the completion limit cuts it alike."""
-    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, loss_type="likelihood", max_prompt_length=2,
-                       max_completion_length=2)
+    path = tiny_recipe(
+        tmp_path, tiny_model_dir, tiny_jsonl, loss_type="likelihood", max_prompt_length=2, max_completion_length=2
+    )
     trainer = build_trainer(parse_recipe(["--config", path]))
     for example in trainer.train_dataset:
         for side in ("chosen", "rejected"):
@@ -153,15 +172,24 @@ def test_legacy_length_limits_with_a_prior_reference_keep_the_policys_completion
 
 
 def test_explicit_max_length_is_kept(tmp_path):
-    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", max_prompt_length=64,
-                        max_completion_length=32, max_length=80)
+    path = write_recipe(
+        tmp_path,
+        model_name_or_path="m",
+        dataset_name="d",
+        max_prompt_length=64,
+        max_completion_length=32,
+        max_length=80,
+    )
     assert parse_recipe(["--config", path, *CPU]).training_args.max_length == 80
 
 
-@pytest.mark.parametrize("loss_type, weights, expected_types, expected_weights", [
-    ("sigmoid", None, ["sigmoid", "sft"], [1.0, 0.5]),
-    (["ipo", "simpo"], [1.0, 2.0], ["ipo", "simpo", "sft"], [1.0, 2.0, 0.5]),
-])
+@pytest.mark.parametrize(
+    "loss_type, weights, expected_types, expected_weights",
+    [
+        ("sigmoid", None, ["sigmoid", "sft"], [1.0, 0.5]),
+        (["ipo", "simpo"], [1.0, 2.0], ["ipo", "simpo", "sft"], [1.0, 2.0, 0.5]),
+    ],
+)
 def test_rpo_alpha_becomes_weighted_sft_term(tmp_path, loss_type, weights, expected_types, expected_weights):
     keys = dict(model_name_or_path="m", dataset_name="d", loss_type=loss_type, rpo_alpha=0.5)
     if weights:
@@ -183,8 +211,14 @@ def test_rpo_alpha_null_is_off(tmp_path):
 
 
 def test_rpo_alpha_with_sft_already_present_is_an_error(tmp_path):
-    path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", loss_type=["sigmoid", "sft"],
-                        loss_weights=[1.0, 1.0], rpo_alpha=0.5)
+    path = write_recipe(
+        tmp_path,
+        model_name_or_path="m",
+        dataset_name="d",
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[1.0, 1.0],
+        rpo_alpha=0.5,
+    )
     with pytest.raises(RecipeError, match="already contains 'sft'"):
         parse_recipe(["--config", path, *CPU])
 
@@ -207,8 +241,12 @@ def test_contradictory_renamed_keys_are_an_error(tmp_path):
 
 
 def test_old_dataset_mixer_is_rejected_with_replacement(tmp_path):
-    path = write_recipe(tmp_path, model_name_or_path="m", dataset_mixer={"org/prefs": 0.5},
-                        dataset_splits=["train_prefs", "test_prefs"])
+    path = write_recipe(
+        tmp_path,
+        model_name_or_path="m",
+        dataset_mixer={"org/prefs": 0.5},
+        dataset_splits=["train_prefs", "test_prefs"],
+    )
     with pytest.raises(RecipeError, match=r"dataset_mixture.*id: org/prefs, split: train_prefs.*weight: 0.5"):
         parse_recipe(["--config", path, *CPU])
 
@@ -252,8 +290,9 @@ def test_missing_model_path_is_one_line(tmp_path, tiny_jsonl, capsys):
 
 def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, capsys, tiny_model_dir, tiny_jsonl):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else
-                        real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real_find_spec(name, *a)
+    )
     zero2 = Path(__file__).parents[2] / "examples" / "accelerate_configs" / "zero2.yaml"
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
     assert main(["dpo", "--config", path, "--accelerate_config", str(zero2), "--num_processes", "2"]) == 2
@@ -264,13 +303,16 @@ def test_zero_config_without_deepspeed_names_the_extra(tmp_path, monkeypatch, ca
     assert 'pip install "trl-refpo[deepspeed]"' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("keys, needs", [
-    (dict(attn_implementation="flash_attention_2"), {"attn_implementation: flash_attention_2": "flash-attn"}),
-    (dict(use_liger_kernel=True), {"use_liger_kernel: true": "liger-kernel"}),
-    (dict(load_in_4bit=True, use_peft=True), {"load_in_4bit: true": "bitsandbytes"}),
-    (dict(optim="paged_adamw_32bit"), {"optim: paged_adamw_32bit": "bitsandbytes"}),
-    (dict(optim="adamw_torch", attn_implementation="sdpa"), {}),
-])
+@pytest.mark.parametrize(
+    "keys, needs",
+    [
+        (dict(attn_implementation="flash_attention_2"), {"attn_implementation: flash_attention_2": "flash-attn"}),
+        (dict(use_liger_kernel=True), {"use_liger_kernel: true": "liger-kernel"}),
+        (dict(load_in_4bit=True, use_peft=True), {"load_in_4bit: true": "bitsandbytes"}),
+        (dict(optim="paged_adamw_32bit"), {"optim: paged_adamw_32bit": "bitsandbytes"}),
+        (dict(optim="adamw_torch", attn_implementation="sdpa"), {}),
+    ],
+)
 def test_settings_name_the_package_they_need(tmp_path, keys, needs):
     parsed = parse_recipe(["--config", write_recipe(tmp_path, model_name_or_path="m", dataset_name="d", **keys), *CPU])
     assert required_packages(parsed.training_args, parsed.model_args) == needs
@@ -278,16 +320,25 @@ def test_settings_name_the_package_they_need(tmp_path, keys, needs):
 
 def test_launch_options_are_separated(tmp_path):
     path = write_recipe(tmp_path, model_name_or_path="m", dataset_name="d")
-    parsed = parse_recipe(["--config", path, "--num_processes", "2", "--beta", "0.2", "--accelerate_config", "zero2",
-                           *CPU])
+    parsed = parse_recipe(
+        ["--config", path, "--num_processes", "2", "--beta", "0.2", "--accelerate_config", "zero2", *CPU]
+    )
     assert parsed.launch_args == ["--num_processes", "2", "--accelerate_config", "zero2"]
     assert parsed.script_argv == ["--config", path, "--beta", "0.2", *CPU]
 
 
 # ------------------------------------------------------------------------------------------ end to end
 def test_end_to_end_recipe_run(tmp_path, tiny_model_dir, tiny_jsonl):
-    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, loss_type="alpha_dpo", alpha=0.2, beta=2.0,
-                       max_prompt_length=4, max_completion_length=3)
+    path = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        tiny_jsonl,
+        loss_type="alpha_dpo",
+        alpha=0.2,
+        beta=2.0,
+        max_prompt_length=4,
+        max_completion_length=3,
+    )
     trainer = run_dpo(parse_recipe(["--config", path]))
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(loss == loss and loss > 0 for loss in losses)
@@ -312,11 +363,14 @@ def test_abbreviated_flag_is_refused(tmp_path):
     assert parse_recipe(["--config", path, "--learning_rate", "1e-6", *CPU]).training_args.learning_rate == 1e-6
 
 
-@pytest.mark.parametrize("flag, expected", [
-    (["--dataset_name", "./my_prefs.jsonl"], "dataset_name './my_prefs.jsonl': no such file or folder."),
-    (["--dataset_name", "my_prefs.jsonl"], "dataset_name 'my_prefs.jsonl': no such file or folder."),
-    (["--dataset_name", "/no/such/prefs"], "dataset_name '/no/such/prefs': no such file or folder."),
-])
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        (["--dataset_name", "./my_prefs.jsonl"], "dataset_name './my_prefs.jsonl': no such file or folder."),
+        (["--dataset_name", "my_prefs.jsonl"], "dataset_name 'my_prefs.jsonl': no such file or folder."),
+        (["--dataset_name", "/no/such/prefs"], "dataset_name '/no/such/prefs': no such file or folder."),
+    ],
+)
 def test_missing_local_dataset_is_no_such_file(tmp_path, tiny_model_dir, tiny_jsonl, capsys, flag, expected):
     path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl)
     assert main(["dpo", "--config", path, *flag]) == 2
@@ -334,7 +388,12 @@ def test_missing_mixture_file_is_no_such_file(tmp_path, tiny_model_dir, tiny_jso
 
 def test_final_evaluation_runs_once_and_card_names_the_local_model(tmp_path, tiny_model_dir, tiny_jsonl):
     path = tiny_recipe(
-        tmp_path, tiny_model_dir, tiny_jsonl, eval_strategy="steps", eval_steps=2, per_device_eval_batch_size=4,
+        tmp_path,
+        tiny_model_dir,
+        tiny_jsonl,
+        eval_strategy="steps",
+        eval_steps=2,
+        per_device_eval_batch_size=4,
         dataset_mixture={"datasets": [{"id": tiny_jsonl}], "seed": 0, "test_split_size": 8},
     )
     trainer = run_dpo(parse_recipe(["--config", path]))
@@ -350,7 +409,12 @@ def test_final_evaluation_runs_once_and_card_names_the_local_model(tmp_path, tin
 
 def test_evaluation_off_the_last_step_still_runs_at_the_end(tmp_path, tiny_model_dir, tiny_jsonl):
     path = tiny_recipe(
-        tmp_path, tiny_model_dir, tiny_jsonl, eval_strategy="steps", eval_steps=100, per_device_eval_batch_size=4,
+        tmp_path,
+        tiny_model_dir,
+        tiny_jsonl,
+        eval_strategy="steps",
+        eval_steps=100,
+        per_device_eval_batch_size=4,
         dataset_mixture={"datasets": [{"id": tiny_jsonl}], "seed": 0, "test_split_size": 8},
     )
     trainer = run_dpo(parse_recipe(["--config", path]))
@@ -361,10 +425,20 @@ def test_project_triggered_checkpointing_warnings_are_silenced(tmp_path, tiny_mo
     with warnings.catch_warnings(record=True) as control:
         warnings.simplefilter("always")
         RefPOConfig(output_dir=str(tmp_path / "control"), use_cpu=True, bf16=False)
-    assert "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` " \
-        "instead." in [str(warning.message) for warning in control]  # TRL's default triggers it
-    path = tiny_recipe(tmp_path, tiny_model_dir, tiny_jsonl, gradient_checkpointing=True, max_steps=1,
-                       loss_type="alpha_dpo", alpha=0.2, beta=2.0)
+    assert (
+        "`gradient_checkpointing` is deprecated and will be removed in v6. Use `activation_checkpointing` "
+        "instead." in [str(warning.message) for warning in control]
+    )  # TRL's default triggers it
+    path = tiny_recipe(
+        tmp_path,
+        tiny_model_dir,
+        tiny_jsonl,
+        gradient_checkpointing=True,
+        max_steps=1,
+        loss_type="alpha_dpo",
+        alpha=0.2,
+        beta=2.0,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert main(["dpo", "--config", path]) == 0
@@ -392,7 +466,9 @@ def test_cpu_quickstart_recipe_runs_as_is_offline():
     recipe = yaml.safe_load((ROOT / "examples" / "recipes" / "cpu_quickstart.yaml").read_text())
     assert recipe["model_name_or_path"] == "offline:smollm2-135m-instruct" and recipe["bf16"] is False
     assert recipe["use_cpu"] is True
-    rows = [json.loads(line) for line in (ROOT / recipe["dataset_mixture"]["datasets"][0]["id"]).read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (ROOT / recipe["dataset_mixture"]["datasets"][0]["id"]).read_text().splitlines()
+    ]
     assert len(rows) == 64 and {"prompt", "chosen", "rejected"} == set(rows[0])
     assert recipe["dataset_mixture"]["test_split_size"] == 8
 
@@ -411,13 +487,29 @@ def cli_command(recipe: str, *args: str) -> list[str]:
 
 
 def accelerate_command(config: str, recipe: str, processes: int = 2) -> list[str]:
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIGS / config),
-            "--num_processes", str(processes), "--main_process_port", str(free_port()), *cli_command(recipe)[1:]]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ACCELERATE_CONFIGS / config),
+        "--num_processes",
+        str(processes),
+        "--main_process_port",
+        str(free_port()),
+        *cli_command(recipe)[1:],
+    ]
 
 
 def run_process(command: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TQDM_DISABLE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     env.pop("TRL_REFPO_DEBUG", None)
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
@@ -429,46 +521,85 @@ def missing(module: str) -> bool:
 # name: (recipe keys given the fixture folders, extra CLI args / "launch" config, expected error line start, run it?)
 ONE_LINE_CASES = {
     "different_tokenizer_without_ref_tokenizer": (
-        lambda d: dict(ref_model_name_or_path=d["ref"]), (), "The reference model's tokenizer (", True),
+        lambda d: dict(ref_model_name_or_path=d["ref"]),
+        (),
+        "The reference model's tokenizer (",
+        True,
+    ),
     "missing_ref_model_folder": (
-        lambda d: dict(ref_model_name_or_path=d["tmp"] + "/no_ref"), (), "ref_model_name_or_path '{tmp}/no_ref' does "
-        "not exist (no such folder).", True),
+        lambda d: dict(ref_model_name_or_path=d["tmp"] + "/no_ref"),
+        (),
+        "ref_model_name_or_path '{tmp}/no_ref' does not exist (no such folder).",
+        True,
+    ),
     "missing_ref_model_name": (
-        lambda d: dict(ref_model_name_or_path="nobody/no-such-model"), (),
-        "ref_model_name_or_path 'nobody/no-such-model' does not exist: no local folder", True),
+        lambda d: dict(ref_model_name_or_path="nobody/no-such-model"),
+        (),
+        "ref_model_name_or_path 'nobody/no-such-model' does not exist: no local folder",
+        True,
+    ),
     "missing_ref_tokenizer": (
-        lambda d: dict(ref_model_name_or_path=d["ref"], ref_tokenizer_name_or_path=d["tmp"] + "/no_tok"), (),
-        "ref_tokenizer_name_or_path '{tmp}/no_tok' does not exist (no such folder).", True),
+        lambda d: dict(ref_model_name_or_path=d["ref"], ref_tokenizer_name_or_path=d["tmp"] + "/no_tok"),
+        (),
+        "ref_tokenizer_name_or_path '{tmp}/no_tok' does not exist (no such folder).",
+        True,
+    ),
     "dataset_without_chosen": (
-        lambda d: dict(dataset_mixture={"datasets": [{"id": d["unlabelled"], "split": "train"}]}), (),
+        lambda d: dict(dataset_mixture={"datasets": [{"id": d["unlabelled"], "split": "train"}]}),
+        (),
         "Dataset '{unlabelled}' (split 'train') has no column(s) ['chosen', 'rejected'] (it has ['prompt', 'good', "
-        "'bad'])", True),
+        "'bad'])",
+        True,
+    ),
     "beta_not_a_number": (lambda d: dict(beta="high"), (), "beta: invalid float value: 'high'", True),
     "eval_strategy_value_not_enum": (
-        lambda d: dict(eval_strategy="steps", eval_steps=1), (), "eval_strategy is 'steps' but the dataset has no "
-        "split 'test'", True),
+        lambda d: dict(eval_strategy="steps", eval_steps=1),
+        (),
+        "eval_strategy is 'steps' but the dataset has no split 'test'",
+        True,
+    ),
     "packages_not_installed": (
-        lambda d: dict(attn_implementation="flash_attention_2", use_liger_kernel=True, load_in_4bit=True, use_peft=True,
-                       optim="paged_adamw_32bit"), (),
+        lambda d: dict(
+            attn_implementation="flash_attention_2",
+            use_liger_kernel=True,
+            load_in_4bit=True,
+            use_peft=True,
+            optim="paged_adamw_32bit",
+        ),
+        (),
         "`attn_implementation: flash_attention_2` needs the package 'flash-attn'; `use_liger_kernel: true` needs the "
         "package 'liger-kernel'; `load_in_4bit: true` needs the package 'bitsandbytes'; `optim: paged_adamw_32bit` "
         "needs the package 'bitsandbytes', not installed: pip install flash-attn liger-kernel bitsandbytes (or change "
-        "those settings).", all(map(missing, ("flash_attn", "liger_kernel", "bitsandbytes")))),
+        "those settings).",
+        all(map(missing, ("flash_attn", "liger_kernel", "bitsandbytes"))),
+    ),
     # More than one process: the trainer must see what the launcher started.
     "ddp_launch_on_cpu_without_use_cpu": (
-        lambda d: dict(use_cpu=False), ("launch", "ddp.yaml"), "The launcher started 2 processes (WORLD_SIZE=2) but "
+        lambda d: dict(use_cpu=False),
+        ("launch", "ddp.yaml"),
+        "The launcher started 2 processes (WORLD_SIZE=2) but "
         "the trainer sees 1: each would train alone into the same output_dir; there is no GPU here: set `use_cpu: "
-        "true`", not torch.cuda.is_available()),
+        "true`",
+        not torch.cuda.is_available(),
+    ),
     "zero2_launch_on_cpu": (
-        lambda d: dict(use_cpu=False), ("launch", "zero2.yaml"), "DeepSpeed ZeRO needs CUDA GPUs here",
-        not torch.cuda.is_available() and not missing("deepspeed")),
+        lambda d: dict(use_cpu=False),
+        ("launch", "zero2.yaml"),
+        "DeepSpeed ZeRO needs CUDA GPUs here",
+        not torch.cuda.is_available() and not missing("deepspeed"),
+    ),
     "zero2_launch_with_use_cpu": (
-        lambda d: dict(), ("launch", "zero2.yaml"), "`use_cpu: true` with a DeepSpeed (ZeRO) launch: accelerate would "
-        "drop DeepSpeed", not missing("deepspeed")),
+        lambda d: dict(),
+        ("launch", "zero2.yaml"),
+        "`use_cpu: true` with a DeepSpeed (ZeRO) launch: accelerate would drop DeepSpeed",
+        not missing("deepspeed"),
+    ),
     "ddp_by_num_processes_without_use_cpu": (
-        lambda d: dict(use_cpu=False), ("--accelerate_config", str(ACCELERATE_CONFIGS / "ddp.yaml"),
-                                        "--num_processes", "2"),
-        "2 processes with a multi-GPU launch", not torch.cuda.is_available()),
+        lambda d: dict(use_cpu=False),
+        ("--accelerate_config", str(ACCELERATE_CONFIGS / "ddp.yaml"), "--num_processes", "2"),
+        "2 processes with a multi-GPU launch",
+        not torch.cuda.is_available(),
+    ),
 }
 
 
@@ -494,13 +625,26 @@ def cli_runs(tmp_path_factory, tiny_model_dir, tiny_ref_dir, tiny_jsonl):
     handbook = base / "handbook"
     handbook.mkdir()
     recipe = tiny_recipe(
-        handbook, tiny_model_dir, tiny_jsonl,
-        ref_model_name_or_path=tiny_ref_dir, ref_tokenizer_name_or_path=tiny_ref_dir,
-        max_prompt_length=4, max_completion_length=3, precompute_ref_log_probs=True,
-        ref_logps_cache_dir=str(handbook / "cache"), log_level="info", eval_strategy="steps", eval_steps=100,
-        per_device_eval_batch_size=4, loss_type="alpha_dpo", beta=2.0,
-        dataset_mixture={"datasets": [{"id": tiny_jsonl, "columns": ["prompt", "chosen", "rejected"]}], "seed": 0,
-                         "test_split_size": 8},
+        handbook,
+        tiny_model_dir,
+        tiny_jsonl,
+        ref_model_name_or_path=tiny_ref_dir,
+        ref_tokenizer_name_or_path=tiny_ref_dir,
+        max_prompt_length=4,
+        max_completion_length=3,
+        precompute_ref_log_probs=True,
+        ref_logps_cache_dir=str(handbook / "cache"),
+        log_level="info",
+        eval_strategy="steps",
+        eval_steps=100,
+        per_device_eval_batch_size=4,
+        loss_type="alpha_dpo",
+        beta=2.0,
+        dataset_mixture={
+            "datasets": [{"id": tiny_jsonl, "columns": ["prompt", "chosen", "rejected"]}],
+            "seed": 0,
+            "test_split_size": 8,
+        },
     )
     run_dpo(parse_recipe(["--config", recipe, "--output_dir", str(handbook / "first")]))
     commands["handbook_outputs"] = cli_command(recipe)
@@ -544,8 +688,10 @@ def test_cli_leaves_the_handbook_outputs(cli_runs):
     assert "Loaded the reference log-probs of the train dataset from the cache" in run.stderr
     assert "Loaded the reference log-probs of the eval dataset from the cache" in run.stderr
     out = cli_runs["_folders"]["handbook"] / "out"
-    results = {name: json.loads((out / f"{name}.json").read_text()) for name in
-               ("train_results", "eval_results", "all_results", "trainer_state")}
+    results = {
+        name: json.loads((out / f"{name}.json").read_text())
+        for name in ("train_results", "eval_results", "all_results", "trainer_state")
+    }
     assert results["train_results"]["train_samples"] == 16 and results["eval_results"]["eval_samples"] == 8
     assert results["all_results"]["train_loss"] > 0 and results["all_results"]["eval_loss"] > 0  # both, merged
     assert results["trainer_state"]["global_step"] == 2

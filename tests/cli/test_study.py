@@ -11,13 +11,25 @@ import yaml
 
 from trl_refpo.cli import study_runner as study_module
 from trl_refpo.cli.study_runner import (
-    NO_DIFFERENCE, StudyError, bootstrap_over_seeds_and_prompts, current_runs, load_study, parse_study,
-    pending_runs, read_runs, run_study, summarise, write_report,
+    NO_DIFFERENCE,
+    StudyError,
+    bootstrap_over_seeds_and_prompts,
+    current_runs,
+    load_study,
+    parse_study,
+    pending_runs,
+    read_runs,
+    run_study,
+    summarise,
+    write_report,
 )
 from trl_refpo.testing import save_tiny_llama, tiny_tokenizer, toy_preference_dataset
 
-PROMPTS = [{"key": index, "prompt": f"sort : {' '.join(letters)}", "instruction_id_list": ["fake:has_a"],
-            "kwargs": [{}]} for index, letters in enumerate(["b a", "c a b", "d c", "a b c d"])]
+
+PROMPTS = [
+    {"key": index, "prompt": f"sort : {' '.join(letters)}", "instruction_id_list": ["fake:has_a"], "kwargs": [{}]}
+    for index, letters in enumerate(["b a", "c a b", "d c", "a b c d"])
+]
 
 
 def fake_evaluate(model, tokenizer, prompts, *, ref_model=None, pairs=None, seed=0, **_):
@@ -27,21 +39,34 @@ def fake_evaluate(model, tokenizer, prompts, *, ref_model=None, pairs=None, seed
     per_prompt, calls = [], fake_evaluate.calls
     calls.append(seed)
     for row in prompts:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}], add_generation_prompt=True,
-                                            tokenize=True, return_dict=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         with torch.no_grad():
             token = model(torch.tensor([ids], device=model.device)).logits[0, -1].argmax().item()
         ok = tokenizer.convert_ids_to_tokens(token) in list("abcd")
-        per_prompt.append({"key": row["key"], "instruction_id_list": row["instruction_id_list"], "strict": [ok],
-                           "loose": [ok], "reply_tokens": 1, "drift": 0.0 if ref_model is not None else None,
-                           "pair_correct": None, "reply": ""})
+        per_prompt.append(
+            {
+                "key": row["key"],
+                "instruction_id_list": row["instruction_id_list"],
+                "strict": [ok],
+                "loose": [ok],
+                "reply_tokens": 1,
+                "drift": 0.0 if ref_model is not None else None,
+                "pair_correct": None,
+                "reply": "",
+            }
+        )
     share = float(np.mean([p["strict"][0] for p in per_prompt]))
     metrics = {"prompt_strict": share, "instruction_strict": share, "reply_tokens": 1.0}
     if ref_model is not None:
         metrics["drift"] = 0.0
-    return SimpleNamespace(metrics=metrics,
-                           intervals={"prompt_strict": (share, share)}, per_instruction={"fake:has_a": share},
-                           per_prompt=per_prompt)
+    return SimpleNamespace(
+        metrics=metrics,
+        intervals={"prompt_strict": (share, share)},
+        per_instruction={"fake:has_a": share},
+        per_prompt=per_prompt,
+    )
 
 
 fake_evaluate.calls = []
@@ -60,14 +85,25 @@ def study_dir(tmp_path_factory):
 
 def study_data(**arm_changes):
     return {
-        "recipe": {"model_name_or_path": "model", "dataset_name": "train.jsonl", "max_steps": 2,
-                   "per_device_train_batch_size": 2, "learning_rate": 1e-3, "max_length": 64, "bf16": False,
-                   "report_to": [], "logging_steps": 1, "use_cpu": True},
+        "recipe": {
+            "model_name_or_path": "model",
+            "dataset_name": "train.jsonl",
+            "max_steps": 2,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "max_length": 64,
+            "bf16": False,
+            "report_to": [],
+            "logging_steps": 1,
+            "use_cpu": True,
+        },
         "evaluation": {"prompts": "prompts.jsonl", "pairs": "pairs.jsonl", "max_new_tokens": 4},
         "seeds": [0, 1],
         "baseline": "dpo",
-        "arms": [{"name": "dpo", "loss_type": "sigmoid", "beta": 0.1},
-                 {"name": "flex", "loss_type": "flex_dpo", "beta_chosen": 0.1, "beta_rejected": 0.05, **arm_changes}],
+        "arms": [
+            {"name": "dpo", "loss_type": "sigmoid", "beta": 0.1},
+            {"name": "flex", "loss_type": "flex_dpo", "beta_chosen": 0.1, "beta_rejected": 0.05, **arm_changes},
+        ],
     }
 
 
@@ -130,10 +166,19 @@ def test_cli_study_report_and_bad_input(study_dir, tmp_path, capsys, monkeypatch
     assert error.startswith("trl-refpo study: error: arm 'flex': Unknown loss_type ['flex_dpoo']")
     assert "\n" not in error and not out.exists()  # nothing ran
 
-    monkeypatch.setattr(study_module, "run_one", lambda study, arm, seed, output_dir, evaluate=None: {
-        "arm": arm.name, "seed": seed, "config_hash": study.config_hash(arm, seed), "wall_seconds": 1.0,
-        "device": "cpu", "metrics": {"prompt_strict": float(seed)}, "per_prompt": [
-            {"key": 0, "strict": [bool(seed)], "loose": [True], "reply_tokens": 1}]})
+    monkeypatch.setattr(
+        study_module,
+        "run_one",
+        lambda study, arm, seed, output_dir, evaluate=None: {
+            "arm": arm.name,
+            "seed": seed,
+            "config_hash": study.config_hash(arm, seed),
+            "wall_seconds": 1.0,
+            "device": "cpu",
+            "metrics": {"prompt_strict": float(seed)},
+            "per_prompt": [{"key": 0, "strict": [bool(seed)], "loose": [True], "reply_tokens": 1}],
+        },
+    )
     good = write_study(study_dir, study_data(), "good.yaml")
     assert main(["study", str(good), "--output_dir", str(out)]) == 0
     assert len(read_runs(out)) == 4
@@ -155,13 +200,19 @@ def test_missing_reference_folder_names_the_arm_before_training(study_dir, tmp_p
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"arms": [{"name": "dpo", "loss_type": "sigmoid"}, {"name": "x", "loss_type": "nope"}]},
-         "arm 'x': Unknown loss_type ['nope']"),
-        ({"arms": [{"name": "dpo"}, {"name": "x", "loss_type": "flex_dpo", "beta_rejectd": 0.1}]},
-         "arm 'x': Unknown key(s) in its recipe: beta_rejectd (did you mean beta_rejected?)"),
+        (
+            {"arms": [{"name": "dpo", "loss_type": "sigmoid"}, {"name": "x", "loss_type": "nope"}]},
+            "arm 'x': Unknown loss_type ['nope']",
+        ),
+        (
+            {"arms": [{"name": "dpo"}, {"name": "x", "loss_type": "flex_dpo", "beta_rejectd": 0.1}]},
+            "arm 'x': Unknown key(s) in its recipe: beta_rejectd (did you mean beta_rejected?)",
+        ),
         ({"arms": [{"name": "dpo"}, {"name": "dpo", "beta": 0.5}]}, "arm 'dpo': duplicate arm name"),
-        ({"arms": [{"name": "dpo", "seeds": [0]}, {"name": "x", "seeds": [0, 1, 2]}]},
-         "arm 'x': seeds [1, 2] are missing for the baseline arm 'dpo'"),
+        (
+            {"arms": [{"name": "dpo", "seeds": [0]}, {"name": "x", "seeds": [0, 1, 2]}]},
+            "arm 'x': seeds [1, 2] are missing for the baseline arm 'dpo'",
+        ),
         ({"arms": [{"name": "dpo"}, {"name": "x", "seed": 3}]}, "arm 'x': `seed` / `output_dir` are set by the study"),
         ({"baseline": "nope"}, "baseline 'nope' is not an arm"),
     ],
@@ -174,12 +225,12 @@ def test_bad_study_names_the_arm(change, message):
 
 
 def test_intervals_and_paired_differences_by_hand():
-    arm = [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]       # seed 0, seed 1; three prompts
+    arm = [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]]  # seed 0, seed 1; three prompts
     base = [[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
     estimate, low, high = bootstrap_over_seeds_and_prompts(arm, seed=3, num_resamples=200)
-    assert estimate == pytest.approx(0.5)          # (2/3 + 1/3) / 2
+    assert estimate == pytest.approx(0.5)  # (2/3 + 1/3) / 2
     diff, d_low, d_high = bootstrap_over_seeds_and_prompts(arm, base, seed=3, num_resamples=200)
-    assert diff == pytest.approx(1 / 3)            # 0.5 − (1/3 + 0) / 2
+    assert diff == pytest.approx(1 / 3)  # 0.5 − (1/3 + 0) / 2
 
     # the documented resampling, written out: seeds drawn first, then one prompt draw shared by the drawn seeds
     rng = np.random.default_rng(3)
@@ -198,15 +249,23 @@ def test_intervals_and_paired_differences_by_hand():
 
 def test_summarise_verdicts_on_fixed_runs():
     def run(arm, seed, strict):
-        return {"arm": arm, "seed": seed, "metrics": {"prompt_strict": float(np.mean(strict)), "drift": 0.1 * seed},
-                "per_prompt": [{"key": k, "strict": [s], "loose": [s], "reply_tokens": 1, "drift": 0.1 * seed}
-                               for k, s in enumerate(strict)]}
+        return {
+            "arm": arm,
+            "seed": seed,
+            "metrics": {"prompt_strict": float(np.mean(strict)), "drift": 0.1 * seed},
+            "per_prompt": [
+                {"key": k, "strict": [s], "loose": [s], "reply_tokens": 1, "drift": 0.1 * seed}
+                for k, s in enumerate(strict)
+            ],
+        }
 
     follows = [True] * 8
     misses = [False] * 8
-    runs = {"base": {0: run("base", 0, misses), 1: run("base", 1, misses)},
-            "good": {0: run("good", 0, follows), 1: run("good", 1, follows)},
-            "same": {0: run("same", 0, misses), 1: run("same", 1, misses)}}
+    runs = {
+        "base": {0: run("base", 0, misses), 1: run("base", 1, misses)},
+        "good": {0: run("good", 0, follows), 1: run("good", 1, follows)},
+        "same": {0: run("same", 0, misses), 1: run("same", 1, misses)},
+    }
     rows = {(r["arm"], r["metric"]): r for r in summarise(runs, "base", ["prompt_strict", "drift"], num_resamples=100)}
     good = rows[("good", "prompt_strict")]
     assert (good["mean"], good["low"], good["high"]) == (1.0, 1.0, 1.0)
@@ -227,13 +286,24 @@ def test_pending_runs_uses_the_config_hash(study_dir):
 def test_default_evaluation_is_evaluate_policy(study_dir, tmp_path):
     """One tiny run through the real IFEval evaluation (generation, judge, drift, held-out pairs)."""
     pytest.importorskip("if_verifiable")
-    rows = [{"key": f"p{index}", "prompt": f"sort : {letters}", "instruction_id_list": ["change_case:english_lowercase"],
-             "kwargs": [{}]} for index, letters in enumerate(["b a", "c a b"])]
+    rows = [
+        {
+            "key": f"p{index}",
+            "prompt": f"sort : {letters}",
+            "instruction_id_list": ["change_case:english_lowercase"],
+            "kwargs": [{}],
+        }
+        for index, letters in enumerate(["b a", "c a b"])
+    ]
     (study_dir / "ifeval_rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     data = study_data()
     data["arms"], data["seeds"] = data["arms"][:1], [0]
-    data["evaluation"] = {"prompts": "ifeval_rows.jsonl", "pairs": "pairs.jsonl", "max_new_tokens": 3,
-                          "num_resamples": 20}
+    data["evaluation"] = {
+        "prompts": "ifeval_rows.jsonl",
+        "pairs": "pairs.jsonl",
+        "max_new_tokens": 3,
+        "num_resamples": 20,
+    }
     (record,) = run_study(write_study(study_dir, data, "real.yaml"), tmp_path / "real", progress=False)
     assert [row["key"] for row in record["per_prompt"]] == ["p0", "p1"]
     assert all(len(row["strict"]) == 1 and row["reply_tokens"] <= 3 for row in record["per_prompt"])

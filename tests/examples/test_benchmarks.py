@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+
 BENCHMARKS = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
@@ -22,17 +23,30 @@ def ratio_rows(output: str) -> dict[str, list[float]]:
 @pytest.mark.parametrize(
     "script, args, expected_rows",
     [
-        ("bench_core.py", ["--quick"], [
-            "sigmoid vs trl_sigmoid", "flex_dpo vs sigmoid", "alpha_dpo vs sigmoid", "beta_dpo vs sigmoid",
-            "simpo vs sigmoid", "probability vs sigmoid", "sigmoid_pipeline vs sigmoid",
-            "simpo vs sigmoid_pipeline", "probability vs sigmoid_pipeline",
-        ]),
+        (
+            "bench_core.py",
+            ["--quick"],
+            [
+                "sigmoid vs trl_sigmoid",
+                "flex_dpo vs sigmoid",
+                "alpha_dpo vs sigmoid",
+                "beta_dpo vs sigmoid",
+                "simpo vs sigmoid",
+                "probability vs sigmoid",
+                "sigmoid_pipeline vs sigmoid",
+                "simpo vs sigmoid_pipeline",
+                "probability vs sigmoid_pipeline",
+            ],
+        ),
         ("bench_epsilon_dpo.py", ["--quick"], ["epsilon_dpo vs sigmoid", "epsilon_dpo vs naive"]),
     ],
 )
 def test_benchmark_prints_its_ratios(script, args, expected_rows):
     result = subprocess.run(
-        [sys.executable, os.path.join(BENCHMARKS, script), *args], capture_output=True, text=True, timeout=900,
+        [sys.executable, os.path.join(BENCHMARKS, script), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = ratio_rows(result.stdout)

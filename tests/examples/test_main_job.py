@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+
 EXAMPLES = Path(__file__).parents[2] / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
@@ -12,14 +13,34 @@ def test_main_job_runs_end_to_end_with_a_tiny_model(tmp_path):
     import main_job
 
     results = main_job.main(
-        ["--model", "tiny", "--max_steps", "2", "--num_train", "8", "--num_eval_prompts", "6", "--max_new_tokens",
-         "4", "--num_resamples", "50", "--output_dir", str(tmp_path)]
+        [
+            "--model",
+            "tiny",
+            "--max_steps",
+            "2",
+            "--num_train",
+            "8",
+            "--num_eval_prompts",
+            "6",
+            "--max_new_tokens",
+            "4",
+            "--num_resamples",
+            "50",
+            "--output_dir",
+            str(tmp_path),
+        ]
     )
     assert len(results["loss"]) == 2 and all(loss == loss for loss in results["loss"])
     for stage in ("before", "after"):
         metrics, intervals = results[stage]["metrics"], results[stage]["intervals"]
-        assert {"prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "pair_accuracy",
-                "reply_tokens"} <= set(metrics)
+        assert {
+            "prompt_strict",
+            "prompt_loose",
+            "instruction_strict",
+            "instruction_loose",
+            "pair_accuracy",
+            "reply_tokens",
+        } <= set(metrics)
         assert all(low <= metrics[key] <= high for key, (low, high) in intervals.items())
         assert len(results[stage]["per_prompt"]) == 6
     assert "drift" not in results["before"]["metrics"] and "drift" in results["after"]["metrics"]

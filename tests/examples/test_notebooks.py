@@ -22,9 +22,11 @@ import nbclient
 import nbformat
 import pytest
 
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[2] / "examples" / "notebooks"
 sys.path.insert(0, str(NOTEBOOK_DIR))
 import execute  # noqa: E402  (examples/notebooks/execute.py: the runner that writes the committed outputs)
+
 
 NOTEBOOKS = execute.SOURCES
 KERNEL_NAME = "trl-refpo-test-python"

@@ -8,8 +8,8 @@ from model_families import cohere_with_logit_scale, gemma2_with_softcap
 from trl.trainer.utils import add_fused_lm_head
 
 from trl_refpo.heads import completion as lm_head
-from trl_refpo.research.token_analysis import frozen_copy
 from trl_refpo.heads.completion import add_completion_head, completion_head_outputs
+from trl_refpo.research.token_analysis import frozen_copy
 from trl_refpo.testing import tiny_llama
 
 

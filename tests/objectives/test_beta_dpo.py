@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from conftest import tiny_args
 
 from trl_refpo import RefPOTrainer, losses
-from trl_refpo.objectives.controllers import BetaDPOController
 from trl_refpo.objectives.base import PairBatch, StepContext
+from trl_refpo.objectives.controllers import BetaDPOController
 from trl_refpo.objectives.loss_types import BetaDPO
 from trl_refpo.objectives.registry import build_objectives
 from trl_refpo.testing import tiny_llama
+
 
 SEED, BETA, A, RHO = 3, 0.1, 0.6, 0.2
 
@@ -62,14 +63,26 @@ def random_pairs(generator, size, scale=1.0):
 def two_process_contexts(rank_pairs, training=True):
     """One StepContext per simulated process; ``gather`` concatenates both processes' DPO logits in rank order."""
     logits = [losses.dpo_logits(p.chosen_logps, p.rejected_logps, *p.reference()).detach() for p in rank_pairs]
-    return [StepContext(training=training, gather=lambda t, r=rank: torch.cat([t if i == r else logits[i]
-                                                                               for i in range(len(logits))]),
-                        process_index=rank) for rank in range(len(rank_pairs))]
+    return [
+        StepContext(
+            training=training,
+            gather=lambda t, r=rank: torch.cat([t if i == r else logits[i] for i in range(len(logits))]),
+            process_index=rank,
+        )
+        for rank in range(len(rank_pairs))
+    ]
 
 
 def beta_dpo_args(tmp_path, **overrides):
-    config = dict(loss_type="beta_dpo", beta=BETA, beta_dpo_alpha=A, beta_dpo_filter_ratio=RHO, seed=SEED,
-                  per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    config = dict(
+        loss_type="beta_dpo",
+        beta=BETA,
+        beta_dpo_alpha=A,
+        beta_dpo_filter_ratio=RHO,
+        seed=SEED,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+    )
     config.update(overrides)
     return tiny_args(tmp_path, **config)
 
@@ -83,8 +96,10 @@ def test_matches_authors_over_steps_with_two_processes_and_accumulation(tmp_path
     for _ in range(4):  # optimizer steps
         for _ in range(args.gradient_accumulation_steps):
             rank_pairs = [random_pairs(data, 4), random_pairs(data, 4)]
-            outputs = [objective(pairs, ctx)
-                       for objective, pairs, ctx in zip(ranks, rank_pairs, two_process_contexts(rank_pairs))]
+            outputs = [
+                objective(pairs, ctx)
+                for objective, pairs, ctx in zip(ranks, rank_pairs, two_process_contexts(rank_pairs))
+            ]
             their_logits = [(p.chosen_logps - p.rejected_logps) for p in rank_pairs]
             their_mask, their_beta, their_losses = authors.step(
                 their_logits, torch.Generator().manual_seed(SEED + micro_batches)
@@ -173,14 +188,28 @@ def test_warns_when_sigma_cannot_be_estimated(loss_type, tmp_path, caplog):
     assert "moments_update='optimizer_step' with gradient_accumulation_steps >= 2" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="trl_refpo.objectives.loss_types"):
-        build_objectives(tiny_args(tmp_path, loss_type=loss_type, per_device_train_batch_size=1,
-                                   gradient_accumulation_steps=2, moments_update="optimizer_step"))
+        build_objectives(
+            tiny_args(
+                tmp_path,
+                loss_type=loss_type,
+                per_device_train_batch_size=1,
+                gradient_accumulation_steps=2,
+                moments_update="optimizer_step",
+            )
+        )
     assert "running σ" not in caplog.text
 
 
 def train_alpha_dpo(tmp_path, tokenizer, dataset, batch_size, accumulation, moments_update):
-    args = tiny_args(tmp_path, loss_type="alpha_dpo", beta=2.5, max_steps=3, per_device_train_batch_size=batch_size,
-                     gradient_accumulation_steps=accumulation, moments_update=moments_update)
+    args = tiny_args(
+        tmp_path,
+        loss_type="alpha_dpo",
+        beta=2.5,
+        max_steps=3,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        moments_update=moments_update,
+    )
     trainer = RefPOTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     return trainer.objectives[0].controller
@@ -208,10 +237,17 @@ def test_trainer_seeds_the_filter_per_micro_batch_and_checkpoints_it(tokenizer, 
 
 def test_resume_draws_the_same_selections(tokenizer, dataset, tmp_path):
     def run(folder, save_steps, resume=False):
-        args = beta_dpo_args(folder, max_steps=4, save_strategy="steps", save_steps=save_steps,
-                             per_device_train_batch_size=4, gradient_accumulation_steps=1)
-        trainer = RefPOTrainer(model=tiny_llama(tokenizer), args=args, train_dataset=dataset,
-                               processing_class=tokenizer)
+        args = beta_dpo_args(
+            folder,
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=save_steps,
+            per_device_train_batch_size=4,
+            gradient_accumulation_steps=1,
+        )
+        trainer = RefPOTrainer(
+            model=tiny_llama(tokenizer), args=args, train_dataset=dataset, processing_class=tokenizer
+        )
         trainer.train(resume_from_checkpoint=resume or None)
         return trainer
 
@@ -223,6 +259,8 @@ def test_resume_draws_the_same_selections(tokenizer, dataset, tmp_path):
     assert ours["0:beta_dpo"]["batches"] == theirs["0:beta_dpo"]["batches"] == 4
     for key in ("mu", "sigma"):
         assert ours["0:beta_dpo"][key] == pytest.approx(theirs["0:beta_dpo"][key], rel=1e-5)
-    betas = [[entry["beta_dpo/beta"] for entry in t.state.log_history if "beta_dpo/beta" in entry][-2:]
-             for t in (straight, resumed)]
+    betas = [
+        [entry["beta_dpo/beta"] for entry in t.state.log_history if "beta_dpo/beta" in entry][-2:]
+        for t in (straight, resumed)
+    ]
     assert betas[0] == pytest.approx(betas[1], rel=1e-5)

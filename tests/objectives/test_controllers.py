@@ -28,8 +28,10 @@ def test_epsilon_beta_moves_once_per_optimizer_step_by_the_mean_step_of_all_proc
 @pytest.mark.parametrize("cls", [EpsilonBetaController, RunningMoments, BetaDPOController])
 def test_state_round_trips_through_json_mid_step(cls):
     """A checkpoint taken between micro-batches (pending sums included) resumes to the same trajectory."""
-    make = (lambda: cls(beta=0.1, epsilon=0.01)) if cls is EpsilonBetaController else (
-        lambda: cls(momentum=0.8, update_every="optimizer_step")
+    make = (
+        (lambda: cls(beta=0.1, epsilon=0.01))
+        if cls is EpsilonBetaController
+        else (lambda: cls(momentum=0.8, update_every="optimizer_step"))
     )
     values = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
     straight, first = make(), make()
@@ -100,11 +102,13 @@ def test_bias_correction_recovers_constant_moments():
 def test_beta_dpo_sampling_generator_depends_on_seed_and_batch_count_only():
     first, second = BetaDPOController(), BetaDPOController()
     first.batches = second.batches = 5
-    assert torch.equal(torch.rand(4, generator=first.sampling_generator(3)),
-                       torch.rand(4, generator=second.sampling_generator(3)))
+    assert torch.equal(
+        torch.rand(4, generator=first.sampling_generator(3)), torch.rand(4, generator=second.sampling_generator(3))
+    )
     second.batches = 6
-    assert not torch.equal(torch.rand(4, generator=first.sampling_generator(3)),
-                           torch.rand(4, generator=second.sampling_generator(3)))
+    assert not torch.equal(
+        torch.rand(4, generator=first.sampling_generator(3)), torch.rand(4, generator=second.sampling_generator(3))
+    )
 
 
 def test_state_from_the_former_beta_dpo_is_refused():

@@ -6,15 +6,16 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_args
+from model_families import cohere_with_logit_scale, gemma2_with_softcap, moved
+from oracles import naive_epsilon_dpo
 from transformers import TrainerCallback
 
 from trl_refpo import RefPOConfig, RefPOTrainer, losses
-from trl_refpo.heads.perturbation import PerturbationScorer
 from trl_refpo.heads.completion import completion_logps
-from model_families import cohere_with_logit_scale, gemma2_with_softcap, moved
-from oracles import naive_epsilon_dpo
+from trl_refpo.heads.perturbation import PerturbationScorer
 from trl_refpo.reference.handle import scoring_handle
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, toy_preference_dataset
+
 
 BETA = 0.1
 
@@ -48,7 +49,9 @@ def scorer_logratios(trainer, batch, epsilon):
 
 def epsilon_trainer(tmp_path, policy, reference, tokenizer, dataset, epsilon=0.5, **config):
     args = tiny_args(tmp_path, loss_type="epsilon_dpo", beta=BETA, epsilon=epsilon, **config)
-    return RefPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return RefPOTrainer(
+        model=policy, ref_model=reference, args=args, train_dataset=dataset, processing_class=tokenizer
+    )
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
@@ -57,8 +60,9 @@ def test_matches_naive_full_logits_implementation(seed, tokenizer, tmp_path):
     reference = tiny_llama(tokenizer, seed=seed)
     policy = moved(reference, seed)
     dataset = toy_preference_dataset(16, seed=seed)  # completions of different lengths: padded batches
-    trainer = epsilon_trainer(tmp_path, copy.deepcopy(policy), copy.deepcopy(reference), tokenizer, dataset,
-                              per_device_train_batch_size=8)
+    trainer = epsilon_trainer(
+        tmp_path, copy.deepcopy(policy), copy.deepcopy(reference), tokenizer, dataset, per_device_train_batch_size=8
+    )
     batch = first_batch(trainer)
     assert (batch["attention_mask"] == 0).any(), "the batch must contain padding"
 
@@ -101,15 +105,22 @@ def test_logit_scale_and_softcap_follow_the_lm_head(build, tokenizer, tmp_path):
     torch.manual_seed(0)
     reference = build(tokenizer)
     policy = moved(reference, 3, scale=0.2)
-    trainer = epsilon_trainer(tmp_path, copy.deepcopy(policy), copy.deepcopy(reference), tokenizer,
-                              toy_preference_dataset(16), per_device_train_batch_size=8)
+    trainer = epsilon_trainer(
+        tmp_path,
+        copy.deepcopy(policy),
+        copy.deepcopy(reference),
+        tokenizer,
+        toy_preference_dataset(16),
+        per_device_train_batch_size=8,
+    )
     batch = first_batch(trainer)
     expected_steps, _, expected_loss = naive_epsilon_dpo(policy, reference, batch, BETA, 0.5)
     ratios = scorer_logratios(trainer, batch, 0.5)
     expected_policy = sequence_logps(full_logits(policy, batch), batch)
     torch.testing.assert_close(ratios["policy"], expected_policy[:8] - expected_policy[8:], rtol=0, atol=1e-4)
-    assert torch.equal(losses.epsilon_dpo_steps(ratios["policy"], ratios["weaker_kl"], ratios["stronger_kl"]),
-                       expected_steps)
+    assert torch.equal(
+        losses.epsilon_dpo_steps(ratios["policy"], ratios["weaker_kl"], ratios["stronger_kl"]), expected_steps
+    )
     with torch.no_grad():
         torch.testing.assert_close(trainer.compute_loss(trainer.model, batch), expected_loss.mean(), rtol=0, atol=1e-6)
 
@@ -127,8 +138,15 @@ class RecordBeta(TrainerCallback):
 def test_beta_follows_the_hand_computed_sequence(accumulation, tokenizer, tmp_path):
     reference = tiny_llama(tokenizer)
     trainer = epsilon_trainer(
-        tmp_path, moved(reference, 0), reference, tokenizer, toy_preference_dataset(32), epsilon=0.2,
-        per_device_train_batch_size=2, gradient_accumulation_steps=accumulation, max_steps=3,
+        tmp_path,
+        moved(reference, 0),
+        reference,
+        tokenizer,
+        toy_preference_dataset(32),
+        epsilon=0.2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=accumulation,
+        max_steps=3,
     )
     controller = trainer.objectives[0].controller
     micro_batch_steps = []
@@ -152,8 +170,16 @@ def test_beta_follows_the_hand_computed_sequence(accumulation, tokenizer, tmp_pa
 def run_epsilon(tmp_path, tokenizer, max_steps, resume=False, save_steps=None):
     reference = tiny_llama(tokenizer)
     trainer = epsilon_trainer(
-        tmp_path, moved(reference, 0), reference, tokenizer, toy_preference_dataset(32), epsilon=0.2,
-        max_steps=max_steps, save_strategy="steps", save_steps=save_steps or max_steps, per_device_train_batch_size=2,
+        tmp_path,
+        moved(reference, 0),
+        reference,
+        tokenizer,
+        toy_preference_dataset(32),
+        epsilon=0.2,
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=save_steps or max_steps,
+        per_device_train_batch_size=2,
     )
     trainer.train(resume_from_checkpoint=resume or None)
     return trainer
@@ -182,8 +208,13 @@ def test_peft_reference_is_the_adapter_disabled_base(tokenizer, dataset, tmp_pat
     base = tiny_llama(tokenizer)
     args = tiny_args(tmp_path, loss_type="epsilon_dpo", beta=BETA, epsilon=0.5, max_steps=3, learning_rate=5e-2)
     trainer = RefPOTrainer(
-        model=copy.deepcopy(base), args=args, train_dataset=dataset, processing_class=tokenizer,
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"),
+        model=copy.deepcopy(base),
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM"
+        ),
     )
     assert trainer.ref_model is None
     trainer.train()
@@ -218,20 +249,34 @@ def test_supplied_reference_columns_are_rejected(model, tokenizer, tmp_path):
     dataset = toy_preference_dataset(8)
     dataset = dataset.add_column("ref_chosen_logps", [-1.0] * 8).add_column("ref_rejected_logps", [-2.0] * 8)
     with pytest.raises(ValueError, match="ref_chosen_logps"):
-        RefPOTrainer(model=model, args=tiny_args(tmp_path, loss_type="epsilon_dpo"), train_dataset=dataset,
-                     processing_class=tokenizer)
+        RefPOTrainer(
+            model=model,
+            args=tiny_args(tmp_path, loss_type="epsilon_dpo"),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
 
 
 def test_cross_tokenizer_reference_is_rejected(model, tokenizer, tmp_path):
     ref_tokenizer = tiny_bpe_tokenizer()
     with pytest.raises(ValueError, match="re-tokenises"):
-        RefPOTrainer(model=model, ref_model=tiny_llama(ref_tokenizer), ref_tokenizer=ref_tokenizer,
-                     args=tiny_args(tmp_path, loss_type="epsilon_dpo"), train_dataset=toy_preference_dataset(8),
-                     processing_class=tokenizer)
+        RefPOTrainer(
+            model=model,
+            ref_model=tiny_llama(ref_tokenizer),
+            ref_tokenizer=ref_tokenizer,
+            args=tiny_args(tmp_path, loss_type="epsilon_dpo"),
+            train_dataset=toy_preference_dataset(8),
+            processing_class=tokenizer,
+        )
 
 
 def test_reference_with_another_vocabulary_size_is_rejected(model, tokenizer, tmp_path):
     bigger = tiny_llama(tokenizer, vocab_size=len(tokenizer) + 64)
     with pytest.raises(ValueError, match="vocabulary"):
-        RefPOTrainer(model=model, ref_model=bigger, args=tiny_args(tmp_path, loss_type="epsilon_dpo"),
-                     train_dataset=toy_preference_dataset(8), processing_class=tokenizer)
+        RefPOTrainer(
+            model=model,
+            ref_model=bigger,
+            args=tiny_args(tmp_path, loss_type="epsilon_dpo"),
+            train_dataset=toy_preference_dataset(8),
+            processing_class=tokenizer,
+        )

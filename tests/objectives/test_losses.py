@@ -7,6 +7,7 @@ import torch
 
 from trl_refpo import losses
 
+
 torch.manual_seed(0)
 B = 7
 
@@ -38,7 +39,10 @@ def test_flex_dpo_matches_formula_and_reduces_to_dpo():
     torch.testing.assert_close(losses.flex_dpo_loss(pc, pr, rc, rr, 0.1, 0.08), expected, atol=1e-6, rtol=0)
     # β·a − β·b vs β·(a − b): equal up to the last bit (SIMD and scalar paths round differently).
     torch.testing.assert_close(
-        losses.flex_dpo_loss(pc, pr, rc, rr, 0.2, 0.2), losses.sigmoid_dpo_loss(pc, pr, rc, rr, 0.2), atol=1e-12, rtol=0
+        losses.flex_dpo_loss(pc, pr, rc, rr, 0.2, 0.2),
+        losses.sigmoid_dpo_loss(pc, pr, rc, rr, 0.2),
+        atol=1e-12,
+        rtol=0,
     )
 
 

@@ -5,7 +5,6 @@ import re
 
 import pytest
 from conftest import tiny_args
-
 from trl import ModelConfig
 
 from trl_refpo import RefPOConfig, available_loss_types
@@ -24,10 +23,15 @@ from trl_refpo.objectives.registry import (
 )
 from trl_refpo.objectives.trl_losses import TRL_LOSS_TYPES
 
+
 TRL_DPO_FIELDS = {item.name for item in dataclasses.fields(RefPOConfig.__mro__[1])}
 PLUGIN_FIELDS = {item.name for item in dataclasses.fields(RefPOConfig)} - TRL_DPO_FIELDS
 REFERENCE_SOURCE_FIELDS = {
-    "ref_model_name_or_path", "ref_model_init_kwargs", "ref_tokenizer_name_or_path", "ref_prompt", "ref_logps_cache_dir",
+    "ref_model_name_or_path",
+    "ref_model_init_kwargs",
+    "ref_tokenizer_name_or_path",
+    "ref_prompt",
+    "ref_logps_cache_dir",
 }
 
 
@@ -44,7 +48,10 @@ def test_every_loss_type_is_declared():
         for field_name, declared in cls.fields.items():
             assert declared is None or isinstance(declared, FieldRange), (name, field_name)
     assert {name for name in available_loss_types() if not needs_reference(name)} == {
-        "simpo", "probability", "typo", "sft"
+        "simpo",
+        "probability",
+        "typo",
+        "sft",
     }
     assert [name for name, cls in OBJECTIVES.items() if cls.needs_reference_distribution] == ["epsilon_dpo"]
 
@@ -61,7 +68,9 @@ def test_a_declared_range_is_what_the_config_enforces(field_name, tmp_path):
     """For every declared range, a value out of it is refused with the declared wording, for an owning type."""
     declared = field_ranges()[field_name]
     owner = field_owners()[field_name][0]
-    bad = next(value for value in (-1, 0, 1.5, "epoch") if _comparable(declared, value) and not _valid(declared, value))
+    bad = next(
+        value for value in (-1, 0, 1.5, "epoch") if _comparable(declared, value) and not _valid(declared, value)
+    )
     with pytest.raises(ValueError) as error:
         tiny_args(tmp_path, loss_type=owner, **{field_name: bad})
     assert f"{field_name} must be {declared.expected}, got {bad!r}." in str(error.value)

@@ -12,6 +12,7 @@ from trl_refpo.objectives.base import PairBatch, StepContext
 from trl_refpo.objectives.registry import OBJECTIVES
 from trl_refpo.testing import tiny_llama, toy_preference_dataset
 
+
 B = 7
 
 
@@ -37,7 +38,12 @@ def test_typo_objective_on_a_pair_batch(tmp_path):
     torch.manual_seed(1)
     chosen, rejected, sample = (-10 * torch.rand(B) for _ in range(3))
     pairs = PairBatch(
-        chosen, rejected, torch.ones(B), torch.ones(B), torch.zeros(B, 3), torch.ones(B, 3),
+        chosen,
+        rejected,
+        torch.ones(B),
+        torch.ones(B),
+        torch.zeros(B, 3),
+        torch.ones(B, 3),
         extra_logps={"ref_completion_ids": sample},
     )
     out = objective(pairs, StepContext(training=True, gather=lambda t: t))
@@ -49,8 +55,12 @@ def test_typo_objective_on_a_pair_batch(tmp_path):
 def build(model, tokenizer, dataset, tmp_path, eval_dataset=None, ref_model=None, **config):
     config.setdefault("loss_type", "typo")
     return RefPOTrainer(
-        model=model, ref_model=ref_model, args=tiny_args(tmp_path, **config), train_dataset=dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer,
+        model=model,
+        ref_model=ref_model,
+        args=tiny_args(tmp_path, **config),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
 
 
@@ -73,7 +83,9 @@ def test_conversational_column_is_tokenised_like_chosen(model, tokenizer, tmp_pa
     prepared = build(model, tokenizer, dataset, tmp_path).train_dataset
     for row in prepared:
         assert row["ref_completion_ids"] == row["chosen_ids"]
-        expected = tokenizer.apply_chat_template(row["prompt"] + row["ref_completion"], tokenize=True, return_dict=True)
+        expected = tokenizer.apply_chat_template(
+            row["prompt"] + row["ref_completion"], tokenize=True, return_dict=True
+        )
         assert row["prompt_ids"] + row["ref_completion_ids"] == list(expected["input_ids"])
 
 
@@ -121,7 +133,9 @@ def sequence_logps(model, input_ids, attention_mask, completion_mask):
 
 def test_first_batch_loss_is_the_formula_on_one_forward(model, tokenizer, tmp_path):
     dataset = toy_preference_dataset(8)
-    dataset = dataset.add_column("ref_completion", [" " + " ".join(reversed(row["chosen"].split())) for row in dataset])
+    dataset = dataset.add_column(
+        "ref_completion", [" " + " ".join(reversed(row["chosen"].split())) for row in dataset]
+    )
     trainer = build(model, tokenizer, dataset, tmp_path, typo_lambda=0.2)
     assert trainer.ref_model is None  # no reference model is kept
     trainer.model.train()
@@ -145,8 +159,12 @@ def test_training_raises_the_reference_completion_likelihood(model, tokenizer, t
     def mean_sample_logp():
         batch = collate([trainer.train_dataset[i] for i in range(8)])
         with torch.no_grad():
-            return sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"],
-                                  batch["completion_mask"]).chunk(3)[2].mean().item()
+            return (
+                sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                .chunk(3)[2]
+                .mean()
+                .item()
+            )
 
     before = mean_sample_logp()
     trainer.train()
@@ -156,25 +174,38 @@ def test_training_raises_the_reference_completion_likelihood(model, tokenizer, t
 
 
 GENERATION = dict(
-    typo_generate_ref_completions=True, typo_generation_max_new_tokens=5, typo_generation_top_k=1,
+    typo_generate_ref_completions=True,
+    typo_generation_max_new_tokens=5,
+    typo_generation_top_k=1,
     typo_generation_batch_size=3,
 )
 
 
 def greedy(model, prompt_ids, tokenizer, max_new_tokens=5, repetition_penalty=1.1):
     out = model.generate(
-        input_ids=torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-        do_sample=False, max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-    )[0, len(prompt_ids):].tolist()
+        input_ids=torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        repetition_penalty=repetition_penalty,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )[0, len(prompt_ids) :].tolist()
     return out[: out.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in out else out
 
 
 def test_generated_completions_come_from_the_reference_and_are_cached(tokenizer, tmp_path):
     dataset, eval_dataset = toy_preference_dataset(8), toy_preference_dataset(4, seed=5)
     cache = str(tmp_path / "cache")
-    first = build(tiny_llama(tokenizer, seed=0), tokenizer, dataset, tmp_path / "a", eval_dataset=eval_dataset,
-                  typo_generation_cache_dir=cache, **GENERATION)
+    first = build(
+        tiny_llama(tokenizer, seed=0),
+        tokenizer,
+        dataset,
+        tmp_path / "a",
+        eval_dataset=eval_dataset,
+        typo_generation_cache_dir=cache,
+        **GENERATION,
+    )
     assert first.objectives[0].completions.cache_hits == {"train": False, "eval": False}
     reference = tiny_llama(tokenizer, seed=0)
     for row in first.train_dataset:
@@ -191,16 +222,31 @@ def test_generated_completions_come_from_the_reference_and_are_cached(tokenizer,
     second.train()
     assert second.state.global_step == 4
 
-    changed = build(tiny_llama(tokenizer, seed=0), tokenizer, dataset, tmp_path / "c", typo_generation_cache_dir=cache,
-                    **{**GENERATION, "typo_generation_top_p": 0.5})
-    assert changed.objectives[0].completions.cache_hits == {"train": False}  # the sampling settings are part of the key
+    changed = build(
+        tiny_llama(tokenizer, seed=0),
+        tokenizer,
+        dataset,
+        tmp_path / "c",
+        typo_generation_cache_dir=cache,
+        **{**GENERATION, "typo_generation_top_p": 0.5},
+    )
+    assert changed.objectives[0].completions.cache_hits == {
+        "train": False
+    }  # the sampling settings are part of the key
 
 
 def test_generation_samples_from_the_given_ref_model(tokenizer, tmp_path):
     dataset = toy_preference_dataset(6)
     policy, reference = tiny_llama(tokenizer, seed=1), tiny_llama(tokenizer, seed=0)
-    trainer = build(policy, tokenizer, dataset, tmp_path, ref_model=copy.deepcopy(reference),
-                    typo_generation_cache_dir=str(tmp_path / "cache"), **GENERATION)
+    trainer = build(
+        policy,
+        tokenizer,
+        dataset,
+        tmp_path,
+        ref_model=copy.deepcopy(reference),
+        typo_generation_cache_dir=str(tmp_path / "cache"),
+        **GENERATION,
+    )
     assert trainer.ref_model is None  # used once for sampling, not kept
     samples = trainer.train_dataset["ref_completion_ids"]
     prompts = trainer.train_dataset["prompt_ids"]
@@ -209,8 +255,14 @@ def test_generation_samples_from_the_given_ref_model(tokenizer, tmp_path):
 
 
 def test_evaluate_on_a_new_dataset_without_the_column_raises(model, tokenizer, tmp_path):
-    trainer = build(model, tokenizer, toy_preference_dataset(4), tmp_path,
-                    typo_generation_cache_dir=str(tmp_path / "cache"), **GENERATION)
+    trainer = build(
+        model,
+        tokenizer,
+        toy_preference_dataset(4),
+        tmp_path,
+        typo_generation_cache_dir=str(tmp_path / "cache"),
+        **GENERATION,
+    )
     with pytest.raises(ValueError, match="only be generated while the trainer is built"):
         trainer.evaluate(eval_dataset=toy_preference_dataset(4, seed=9))
     with_column = toy_preference_dataset(4, seed=9).add_column("ref_completion", [" a"] * 4)

@@ -18,13 +18,18 @@ from trl_refpo.reference import precompute as ref_cache
 from trl_refpo.reference.sources import ScoringHandle
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
 
+
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_lengths", "ref_rejected_lengths")
 
 
 def build(model, tokenizer, dataset, tmp_path, eval_dataset=None, ref_model=None, **config):
     return RefPOTrainer(
-        model=copy.deepcopy(model), ref_model=ref_model, args=tiny_args(tmp_path, **config), train_dataset=dataset,
-        eval_dataset=eval_dataset, processing_class=tokenizer,
+        model=copy.deepcopy(model),
+        ref_model=ref_model,
+        args=tiny_args(tmp_path, **config),
+        train_dataset=dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
     )
 
 
@@ -32,8 +37,15 @@ def build(model, tokenizer, dataset, tmp_path, eval_dataset=None, ref_model=None
 def cached(model, tokenizer, tmp_path, cache_dir, ref_model):
     counter = ForwardCounter(ref_model)
     trainer = build(
-        model, tokenizer, toy_preference_dataset(8), tmp_path, ref_model=ref_model, loss_type="sigmoid",
-        precompute_ref_log_probs=True, ref_logps_cache_dir=str(cache_dir), max_steps=1,
+        model,
+        tokenizer,
+        toy_preference_dataset(8),
+        tmp_path,
+        ref_model=ref_model,
+        loss_type="sigmoid",
+        precompute_ref_log_probs=True,
+        ref_logps_cache_dir=str(cache_dir),
+        max_steps=1,
     )
     return trainer, counter.calls
 
@@ -106,7 +118,12 @@ def test_unwritable_cache_folder_fails_before_scoring(model, tokenizer, tmp_path
 def test_failed_cache_write_keeps_the_scores_warns_and_trains(model, tokenizer, tmp_path, monkeypatch):
     ref_model = tiny_llama(tokenizer, seed=1)
     fresh = build(
-        model, tokenizer, toy_preference_dataset(8), tmp_path, ref_model=copy.deepcopy(ref_model), loss_type="sigmoid",
+        model,
+        tokenizer,
+        toy_preference_dataset(8),
+        tmp_path,
+        ref_model=copy.deepcopy(ref_model),
+        loss_type="sigmoid",
         precompute_ref_log_probs=True,
     )
 

@@ -28,7 +28,14 @@ def with_columns(dataset):
 def setup(tmp_path, model, tokenizer, dataset=None, ref_model=None, ref_tokenizer=None, **config):
     args = tiny_args(tmp_path, **config)
     return setup_reference(
-        model, ref_model, ref_tokenizer, tokenizer, args, dataset or toy_preference_dataset(8), None, None,
+        model,
+        ref_model,
+        ref_tokenizer,
+        tokenizer,
+        args,
+        dataset or toy_preference_dataset(8),
+        None,
+        None,
         full_distribution_for=[name for name in args.loss_type if name == "epsilon_dpo"],
     )
 
@@ -38,7 +45,11 @@ def setup(tmp_path, model, tokenizer, dataset=None, ref_model=None, ref_tokenize
     [
         (dict(loss_type="simpo"), NoReference, False),
         (dict(loss_type="sigmoid"), ModelReference, True),  # a copy of the in-memory initial policy
-        (dict(loss_type="flex_dpo", precompute_ref_log_probs=True), ModelReference, False),  # TRL scores with the policy
+        (
+            dict(loss_type="flex_dpo", precompute_ref_log_probs=True),
+            ModelReference,
+            False,
+        ),  # TRL scores with the policy
         (dict(loss_type="likelihood"), TextReference, True),  # the prior: ref_prompt='none', the policy's tokenizer
     ],
 )
@@ -76,39 +87,62 @@ EPSILON_WHY = "epsilon_dpo needs the reference model's full next-token distribut
 @pytest.mark.parametrize(
     "make, detail",
     [
-        (lambda t, m, tok, other: tiny_args(t, loss_type="epsilon_dpo", precompute_ref_log_probs=True),
-         "cannot use precompute_ref_log_probs=True"),
-        (lambda t, m, tok, other: tiny_args(t, loss_type="epsilon_dpo", ref_prompt="none"),
-         "cannot use the prior reference"),
-        (lambda t, m, tok, other: setup(t, m, tok, with_columns(toy_preference_dataset(8)), loss_type="epsilon_dpo"),
-         "the dataset supplies reference log-prob columns"),
-        (lambda t, m, tok, other: setup(t, m, tok, ref_model=tiny_llama(other, seed=1), ref_tokenizer=other,
-                                        loss_type="epsilon_dpo"),
-         "cannot use a reference that re-tokenises the text with a different tokenizer"),
+        (
+            lambda t, m, tok, other: tiny_args(t, loss_type="epsilon_dpo", precompute_ref_log_probs=True),
+            "cannot use precompute_ref_log_probs=True",
+        ),
+        (
+            lambda t, m, tok, other: tiny_args(t, loss_type="epsilon_dpo", ref_prompt="none"),
+            "cannot use the prior reference",
+        ),
+        (
+            lambda t, m, tok, other: setup(
+                t, m, tok, with_columns(toy_preference_dataset(8)), loss_type="epsilon_dpo"
+            ),
+            "the dataset supplies reference log-prob columns",
+        ),
+        (
+            lambda t, m, tok, other: setup(
+                t, m, tok, ref_model=tiny_llama(other, seed=1), ref_tokenizer=other, loss_type="epsilon_dpo"
+            ),
+            "cannot use a reference that re-tokenises the text with a different tokenizer",
+        ),
     ],
     ids=["precompute", "prior", "columns", "other-tokenizer"],
 )
-def test_full_distribution_rule_from_the_config_and_from_the_setup(make, detail, tmp_path, model, tokenizer,
-                                                                   other_tokenizer):
+def test_full_distribution_rule_from_the_config_and_from_the_setup(
+    make, detail, tmp_path, model, tokenizer, other_tokenizer
+):
     """One rule, one wording, whether the config's fields or the trainer's arguments break it."""
     with pytest.raises(ValueError, match=EPSILON_WHY) as error:
         make(tmp_path, model, tokenizer, other_tokenizer)
     assert detail in str(error.value) and "\n" not in str(error.value)
 
 
-def test_sync_ref_model_with_another_tokenizer_from_the_config_and_from_the_setup(tmp_path, model, tokenizer,
-                                                                                  other_tokenizer):
+def test_sync_ref_model_with_another_tokenizer_from_the_config_and_from_the_setup(
+    tmp_path, model, tokenizer, other_tokenizer
+):
     message = "sync_ref_model=True copies the policy's weights into the reference"
     with pytest.raises(ValueError, match=message):
         tiny_args(tmp_path, loss_type="sigmoid", sync_ref_model=True, ref_tokenizer_name_or_path="some/tokenizer")
     with pytest.raises(ValueError, match=message):
-        setup(tmp_path, model, tokenizer, ref_model=tiny_llama(other_tokenizer, seed=1), ref_tokenizer=other_tokenizer,
-              loss_type="sigmoid", sync_ref_model=True)
+        setup(
+            tmp_path,
+            model,
+            tokenizer,
+            ref_model=tiny_llama(other_tokenizer, seed=1),
+            ref_tokenizer=other_tokenizer,
+            loss_type="sigmoid",
+            sync_ref_model=True,
+        )
 
 
 def test_offline_names_are_resolved_by_the_cli_only(tmp_path, model, tokenizer):
-    with pytest.raises(ValueError, match=r"ref_model_name_or_path='offline:gemma3-270m' names an offline model, which "
-                                         r"only the trl-refpo CLI resolves"):
+    with pytest.raises(
+        ValueError,
+        match=r"ref_model_name_or_path='offline:gemma3-270m' names an offline model, which "
+        r"only the trl-refpo CLI resolves",
+    ):
         setup(tmp_path, model, tokenizer, loss_type="sigmoid", ref_model_name_or_path="offline:gemma3-270m")
 
 
@@ -118,8 +152,9 @@ def test_typo_sampling_from_ref_model_reaches_the_setup_from_the_objective(tmp_p
     args = tiny_args(tmp_path, loss_type="typo")
     with pytest.raises(ValueError, match=r"was given ref_model=, but loss_type \['typo'\] uses no reference"):
         setup_reference(model, copy.deepcopy(model), None, tokenizer, args, dataset, None, None)
-    chosen = setup_reference(model, copy.deepcopy(model), None, tokenizer, args, dataset, None, None,
-                             samples_from_reference=True)
+    chosen = setup_reference(
+        model, copy.deepcopy(model), None, tokenizer, args, dataset, None, None, samples_from_reference=True
+    )
     assert type(chosen.source) is NoReference
     with pytest.raises(ValueError, match="needs a completion sampled from the reference policy"):
         RefPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)

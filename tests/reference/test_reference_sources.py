@@ -24,10 +24,11 @@ from trl import DPOTrainer as TRLDPOTrainer
 from trl.data_utils import common_prefix_length
 
 from trl_refpo import RefPOConfig, RefPOTrainer
-from trl_refpo.reference.sources import ColumnReference, ModelReference, ScoringHandle
 from trl_refpo.reference.handle import scoring_handle
-from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer, toy_preference_dataset
+from trl_refpo.reference.sources import ColumnReference, ModelReference, ScoringHandle
 from trl_refpo.reference.text import TextReference
+from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer, toy_preference_dataset
+
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
@@ -97,9 +98,9 @@ def reference_text_sequences(example, tokenizer, prompt_mode):
     """The reference's own tokenisation of one ORIGINAL example, built independently of the library."""
     if isinstance(example["prompt"], list):
         prompt = example["prompt"] if prompt_mode == "full" else [{"role": "user", "content": ""}]
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-            "input_ids"
-        ]
+        prompt_ids = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )["input_ids"]
         full = {
             side: tokenizer.apply_chat_template(prompt + example[side], tokenize=True, return_dict=True)["input_ids"]
             for side in ("chosen", "rejected")
@@ -107,7 +108,10 @@ def reference_text_sequences(example, tokenizer, prompt_mode):
     else:
         prompt = example["prompt"] if prompt_mode == "full" else ""
         prompt_ids = tokenizer(prompt)["input_ids"]
-        full = {side: tokenizer(prompt + example[side] + tokenizer.eos_token)["input_ids"] for side in ("chosen", "rejected")}
+        full = {
+            side: tokenizer(prompt + example[side] + tokenizer.eos_token)["input_ids"]
+            for side in ("chosen", "rejected")
+        }
         if not prompt_ids:  # no BOS of its own: the no-prompt sequence starts at BOS
             prompt_ids = [tokenizer.bos_token_id]
             full = {side: [tokenizer.bos_token_id] + ids for side, ids in full.items()}
@@ -123,8 +127,13 @@ def test_cross_tokenizer_reference_equals_direct_scoring(
 ):
     raw = toy_preference_dataset(6, seed=3, conversational=conversational)
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw,
-        ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer, config={"ref_prompt": prompt_mode},
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
+        ref_model=copy.deepcopy(ref_model),
+        ref_tokenizer=ref_tokenizer,
+        config={"ref_prompt": prompt_mode},
     )
     assert isinstance(trainer.reference_source, TextReference) and trainer.uses_pipeline
     batch = first_batch(trainer, 6)
@@ -156,28 +165,50 @@ def test_cross_tokenizer_reference_equals_trl_scoring_with_reference_tokenizer(
     """What stock TRL computes when the reference model is trained with its own tokenizer on the same text."""
     raw = toy_preference_dataset(8, seed=5, conversational=conversational)
     trl_args = TRLDPOConfig(
-        output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to=[], precompute_ref_log_probs=True,
-        per_device_train_batch_size=4, gradient_checkpointing=False, disable_tqdm=True,
+        output_dir=str(tmp_path / "trl"),
+        bf16=False,
+        use_cpu=True,
+        report_to=[],
+        precompute_ref_log_probs=True,
+        per_device_train_batch_size=4,
+        gradient_checkpointing=False,
+        disable_tqdm=True,
     )
     trl_trainer = TRLDPOTrainer(
         model=copy.deepcopy(ref_model), args=trl_args, train_dataset=raw, processing_class=ref_tokenizer
     )
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw,
-        ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer, config={"precompute_ref_log_probs": True},
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
+        ref_model=copy.deepcopy(ref_model),
+        ref_tokenizer=ref_tokenizer,
+        config={"precompute_ref_log_probs": True},
     )
-    ours = torch.tensor(list(trainer.train_dataset["ref_chosen_logps"]) + list(trainer.train_dataset["ref_rejected_logps"]))
-    theirs = torch.tensor(list(trl_trainer.train_dataset["ref_chosen_logps"]) + list(trl_trainer.train_dataset["ref_rejected_logps"]))
+    ours = torch.tensor(
+        list(trainer.train_dataset["ref_chosen_logps"]) + list(trainer.train_dataset["ref_rejected_logps"])
+    )
+    theirs = torch.tensor(
+        list(trl_trainer.train_dataset["ref_chosen_logps"]) + list(trl_trainer.train_dataset["ref_rejected_logps"])
+    )
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)
 
 
-def test_cross_tokenizer_truncation_keeps_the_policys_text(tmp_path, policy, policy_tokenizer, ref_model, ref_tokenizer):
+def test_cross_tokenizer_truncation_keeps_the_policys_text(
+    tmp_path, policy, policy_tokenizer, ref_model, ref_tokenizer
+):
     raw = Dataset.from_list(
         [{"prompt": "sort : h a g :", "chosen": " a g h b c d e f", "rejected": " h g a b c d e f"}]
     )
     # The policy keeps 5 prompt + 3 completion tokens: " a g h" / " h g a" (keep_start).
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer,
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
+        ref_model=copy.deepcopy(ref_model),
+        ref_tokenizer=ref_tokenizer,
         config={"max_length": 8},
     )
     example = trainer.train_dataset[0]
@@ -192,8 +223,13 @@ def test_cross_tokenizer_truncation_keeps_the_policys_text(tmp_path, policy, pol
     # keep_end: the policy drops the start of the prompt; the reference drops the same text, keeps the completion
     long_prompt = Dataset.from_list([{"prompt": "copy : a b c d e f g h :", "chosen": " a b", "rejected": " b a"}])
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, long_prompt, ref_model=copy.deepcopy(ref_model),
-        ref_tokenizer=ref_tokenizer, config={"max_length": 6, "truncation_mode": "keep_end"},
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        long_prompt,
+        ref_model=copy.deepcopy(ref_model),
+        ref_tokenizer=ref_tokenizer,
+        config={"max_length": 6, "truncation_mode": "keep_end"},
     )
     example = trainer.train_dataset[0]
     batch = first_batch(trainer, 1)
@@ -215,11 +251,21 @@ def test_cross_tokenizer_truncation_keeps_the_policys_text(tmp_path, policy, pol
     )
     for truncation_mode, max_length, policy_kept, reference_kept in (
         ("keep_end", 9, "a g h b c d e f <eos>", "a g h b c d e f</s>"),
-        ("keep_end", 10, "<assistant> a g h b c d e f <eos>", "</s><|assistant|>a g h b c d e f</s>"),  # its whole turn header
+        (
+            "keep_end",
+            10,
+            "<assistant> a g h b c d e f <eos>",
+            "</s><|assistant|>a g h b c d e f</s>",
+        ),  # its whole turn header
         ("keep_start", 9, "<user> sort : h a g <eos> <assistant> a", "<s><|user|>sort : h a g</s><|assistant|>a"),
     ):
         trainer = make_trainer(
-            tmp_path, policy, policy_tokenizer, chat, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer,
+            tmp_path,
+            policy,
+            policy_tokenizer,
+            chat,
+            ref_model=copy.deepcopy(ref_model),
+            ref_tokenizer=ref_tokenizer,
             config={"max_length": max_length, "truncation_mode": truncation_mode},
         )
         batch = first_batch(trainer, 1)
@@ -227,7 +273,12 @@ def test_cross_tokenizer_truncation_keeps_the_policys_text(tmp_path, policy, pol
         assert ref_tokenizer.decode(batch["ref_input_ids"][0][batch["ref_attention_mask"][0].bool()]) == reference_kept
     # A policy sequence that fits is not cut on the reference side, whatever the reference's token count.
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer,
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
+        ref_model=copy.deepcopy(ref_model),
+        ref_tokenizer=ref_tokenizer,
         config={"max_length": 64},
     )
     example = trainer.train_dataset[0]
@@ -258,13 +309,19 @@ def test_prior_reference_equals_hand_built_no_prompt_sequence(tmp_path, policy, 
         prompt = ids(["<bos>"])
         chosen, rejected = ids(["a", "b", "c", "<eos>"]), ids(["c", "b", "a", "<eos>"])
     example = trainer.train_dataset[0]
-    assert (example["ref_prompt_ids"], example["ref_chosen_ids"], example["ref_rejected_ids"]) == (prompt, chosen, rejected)
+    assert (example["ref_prompt_ids"], example["ref_chosen_ids"], example["ref_rejected_ids"]) == (
+        prompt,
+        chosen,
+        rejected,
+    )
     reference = trainer.reference_source(scoring_handle(trainer), first_batch(trainer, 1), num_pairs=1)
     for got, completion in ((reference.chosen, chosen), (reference.rejected, rejected)):
         expected, _ = direct_logps(policy, prompt, prompt + completion, len(prompt))
         assert got.item() == pytest.approx(expected, abs=1e-4)
     # and it is not the conditional log-prob
-    conditional = ModelReference()(ScoringHandle(trainer.ref_model, trainer.accelerator, policy_tokenizer), first_batch(trainer, 1), 1)
+    conditional = ModelReference()(
+        ScoringHandle(trainer.ref_model, trainer.accelerator, policy_tokenizer), first_batch(trainer, 1), 1
+    )
     assert abs(conditional.chosen.item() - reference.chosen.item()) > 1e-3
 
 
@@ -272,13 +329,17 @@ def test_prior_reference_equals_hand_built_no_prompt_sequence(tmp_path, policy, 
 def test_swapped_same_tokenizer_reference_by_instance_and_by_path(tmp_path, policy, policy_tokenizer, monkeypatch):
     swapped = tiny_llama(policy_tokenizer, seed=7)
     raw = toy_preference_dataset(4, seed=1)
-    trainer = make_trainer(tmp_path, policy, policy_tokenizer, raw, ref_model=swapped, config={"loss_type": ["flex_dpo"]})
+    trainer = make_trainer(
+        tmp_path, policy, policy_tokenizer, raw, ref_model=swapped, config={"loss_type": ["flex_dpo"]}
+    )
     assert type(trainer.reference_source) is ModelReference
     batch = first_batch(trainer)
     reference = trainer.reference_source(scoring_handle(trainer), batch, num_pairs=4)
     for index in range(4):
         row = batch["input_ids"][index][batch["attention_mask"][index].bool()].tolist()
-        prompt_len = int((batch["completion_mask"][index] == 0).sum()) - int((batch["attention_mask"][index] == 0).sum())
+        prompt_len = int((batch["completion_mask"][index] == 0).sum()) - int(
+            (batch["attention_mask"][index] == 0).sum()
+        )
         expected, _ = direct_logps(swapped, row[:prompt_len], row, prompt_len)
         assert reference.chosen[index].item() == pytest.approx(expected, abs=1e-4)
 
@@ -289,11 +350,18 @@ def test_swapped_same_tokenizer_reference_by_instance_and_by_path(tmp_path, poli
     import trl.trainer.dpo_trainer as trl_dpo
 
     original_disable = trl_dpo.disable_dropout_in_model
-    monkeypatch.setattr(trl_dpo, "disable_dropout_in_model", lambda m: (dropout_disabled.append(m), original_disable(m)))
+    monkeypatch.setattr(
+        trl_dpo, "disable_dropout_in_model", lambda m: (dropout_disabled.append(m), original_disable(m))
+    )
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw,
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
         config={
-            "loss_type": ["sigmoid"], "ref_model_name_or_path": str(path), "ref_model_init_kwargs": {"dtype": "float32"},
+            "loss_type": ["sigmoid"],
+            "ref_model_name_or_path": str(path),
+            "ref_model_init_kwargs": {"dtype": "float32"},
         },
     )
     # loaded and prepared by TRL like its own reference: dropout off, eval mode, fused LM head
@@ -304,7 +372,10 @@ def test_swapped_same_tokenizer_reference_by_instance_and_by_path(tmp_path, poli
     )
     assert out.log_probs is not None
     torch.testing.assert_close(
-        trainer.reference_source(scoring_handle(trainer), batch, num_pairs=4).chosen, reference.chosen, atol=1e-5, rtol=0
+        trainer.reference_source(scoring_handle(trainer), batch, num_pairs=4).chosen,
+        reference.chosen,
+        atol=1e-5,
+        rtol=0,
     )
     trainer.train()
     trainer.save_model(str(tmp_path / "saved"))
@@ -331,13 +402,20 @@ def test_swapped_reference_with_another_tokenizer_points_to_cross_tokenizer_mode
         make_trainer(tmp_path, policy, policy_tokenizer, raw, config={"ref_model_name_or_path": str(path)})
     # naming the tokenizer selects cross-tokenizer mode
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw,
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
         config={"ref_model_name_or_path": str(path), "ref_tokenizer_name_or_path": str(path)},
     )
     assert isinstance(trainer.reference_source, TextReference)
     # an explicit ref_tokenizer equal to the policy's means the same tokenizer: policy ids are scored
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw, ref_model=tiny_llama(policy_tokenizer, seed=3),
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
+        ref_model=tiny_llama(policy_tokenizer, seed=3),
         ref_tokenizer=tiny_tokenizer(),
     )
     assert type(trainer.reference_source) is ModelReference and not trainer.uses_pipeline
@@ -346,7 +424,10 @@ def test_swapped_reference_with_another_tokenizer_points_to_cross_tokenizer_mode
 # ---------------------------------------------------------------------------------------------- supplied columns
 def test_supplied_columns_pass_through_unchanged_in_float32(tmp_path, policy, policy_tokenizer, monkeypatch):
     raw = toy_preference_dataset(4, seed=2)
-    values = {"ref_chosen_logps": [-1.23456789, -2.5, -3.14159265, -40.0], "ref_rejected_logps": [-5.5, -6.25, -7.0, -8.125]}
+    values = {
+        "ref_chosen_logps": [-1.23456789, -2.5, -3.14159265, -40.0],
+        "ref_rejected_logps": [-5.5, -6.25, -7.0, -8.125],
+    }
     supplied = raw.add_column("ref_chosen_logps", values["ref_chosen_logps"]).add_column(
         "ref_rejected_logps", values["ref_rejected_logps"]
     )
@@ -366,10 +447,15 @@ def test_supplied_columns_pass_through_unchanged_in_float32(tmp_path, policy, po
         monkeypatch.undo()
         for column in ("ref_chosen_logps", "ref_rejected_logps"):
             assert prepared[column].dtype == torch.float32
-            torch.testing.assert_close(prepared[column], torch.tensor(values[column], dtype=torch.float32), atol=0, rtol=0)
+            torch.testing.assert_close(
+                prepared[column], torch.tensor(values[column], dtype=torch.float32), atol=0, rtol=0
+            )
         seen = []
         compute_loss = trainer.compute_loss
-        trainer.compute_loss = lambda model, inputs, *a, **k: (seen.append(dict(inputs)), compute_loss(model, inputs, *a, **k))[1]
+        trainer.compute_loss = lambda model, inputs, *a, **k: (
+            seen.append(dict(inputs)),
+            compute_loss(model, inputs, *a, **k),
+        )[1]
         trainer.train()
         assert math.isfinite(trainer.state.log_history[0]["loss"])
         for column in ("ref_chosen_logps", "ref_rejected_logps"):  # what reached the loss: the values, float32
@@ -384,7 +470,12 @@ def test_supplied_columns_pass_through_unchanged_in_float32(tmp_path, policy, po
 def cached_trainer(tmp_path, policy, policy_tokenizer, raw, ref, ref_tokenizer=None, **config):
     counter = ForwardCounter(ref)
     trainer = make_trainer(
-        tmp_path, policy, policy_tokenizer, raw, ref_model=ref, ref_tokenizer=ref_tokenizer,
+        tmp_path,
+        policy,
+        policy_tokenizer,
+        raw,
+        ref_model=ref,
+        ref_tokenizer=ref_tokenizer,
         config={"precompute_ref_log_probs": True, "ref_logps_cache_dir": str(tmp_path / "cache"), **config},
     )
     return trainer, counter.calls
@@ -405,7 +496,9 @@ def test_precompute_cache_hit_runs_no_reference_forward_and_any_key_change_resco
         tmp_path, policy, policy_tokenizer, raw, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer
     )
     reference = online.reference_source(scoring_handle(online), first_batch(online, 8), num_pairs=8)
-    torch.testing.assert_close(torch.tensor(list(first.train_dataset["ref_chosen_logps"])), reference.chosen, atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(list(first.train_dataset["ref_chosen_logps"])), reference.chosen, atol=1e-5, rtol=0
+    )
     assert list(first.train_dataset["ref_chosen_lengths"]) == reference.chosen_lengths.tolist()
 
     caplog.clear()
@@ -425,8 +518,13 @@ def test_precompute_cache_hit_runs_no_reference_forward_and_any_key_change_resco
     }
     for number, (change, spec) in enumerate(changes.items(), start=2):
         _, calls = cached_trainer(
-            tmp_path, policy, policy_tokenizer, spec.get("raw", raw), spec.get("ref", copy.deepcopy(ref_model)),
-            spec.get("tokenizer", ref_tokenizer), **spec.get("config", {}),
+            tmp_path,
+            policy,
+            policy_tokenizer,
+            spec.get("raw", raw),
+            spec.get("ref", copy.deepcopy(ref_model)),
+            spec.get("tokenizer", ref_tokenizer),
+            **spec.get("config", {}),
         )
         assert calls > 0, change
         assert len(os.listdir(tmp_path / "cache")) == number, change
@@ -456,28 +554,38 @@ def test_precompute_initial_policy_matches_trl(tmp_path, policy, policy_tokenize
     trl_trainer = TRLDPOTrainer(
         model=copy.deepcopy(policy),
         args=TRLDPOConfig(
-            output_dir=str(tmp_path / "trl"), bf16=False, use_cpu=True, report_to=[], precompute_ref_log_probs=True,
-            gradient_checkpointing=False, disable_tqdm=True,
+            output_dir=str(tmp_path / "trl"),
+            bf16=False,
+            use_cpu=True,
+            report_to=[],
+            precompute_ref_log_probs=True,
+            gradient_checkpointing=False,
+            disable_tqdm=True,
         ),
         train_dataset=raw,
         processing_class=policy_tokenizer,
     )
     torch.testing.assert_close(
-        torch.tensor(list(trainer.train_dataset["ref_chosen_logps"])), torch.tensor(list(trl_trainer.train_dataset["ref_chosen_logps"]))
+        torch.tensor(list(trainer.train_dataset["ref_chosen_logps"])),
+        torch.tensor(list(trl_trainer.train_dataset["ref_chosen_logps"])),
     )
 
 
 # ---------------------------------------------------------------------------------------------- every loss × source
 SOURCES = ["initial", "swapped", "cross", "prior_same", "prior_cross", "supplied", "precomputed_cross"]
-LOSS_SOURCES = [
-    (loss, source)
-    for loss in ("sigmoid", "flex_dpo", "alpha_dpo", "beta_dpo")
-    for source in SOURCES
-    if not source.startswith("prior")
-] + [("likelihood", source) for source in ("prior_same", "prior_cross", "supplied")] + [
-    ("sigmoid", "prior_cross"),
-    ("alpha_dpo", "prior_same"),
-]
+LOSS_SOURCES = (
+    [
+        (loss, source)
+        for loss in ("sigmoid", "flex_dpo", "alpha_dpo", "beta_dpo")
+        for source in SOURCES
+        if not source.startswith("prior")
+    ]
+    + [("likelihood", source) for source in ("prior_same", "prior_cross", "supplied")]
+    + [
+        ("sigmoid", "prior_cross"),
+        ("alpha_dpo", "prior_same"),
+    ]
+)
 
 
 @pytest.mark.parametrize(("loss_type", "source"), LOSS_SOURCES)
@@ -522,24 +630,42 @@ def test_bad_input_errors(tmp_path, policy, policy_tokenizer, ref_model, ref_tok
         make_trainer(tmp_path, policy, policy_tokenizer, raw, ref_tokenizer=ref_tokenizer)
     with pytest.raises(ValueError, match="chat template"):
         make_trainer(
-            tmp_path, policy, policy_tokenizer, toy_preference_dataset(4, conversational=True),
-            ref_model=copy.deepcopy(ref_model), ref_tokenizer=tiny_bpe_tokenizer(with_chat_template=False),
+            tmp_path,
+            policy,
+            policy_tokenizer,
+            toy_preference_dataset(4, conversational=True),
+            ref_model=copy.deepcopy(ref_model),
+            ref_tokenizer=tiny_bpe_tokenizer(with_chat_template=False),
         )
     pretokenized = Dataset.from_list([{"prompt_ids": [7, 8], "chosen_ids": [9, 3], "rejected_ids": [10, 3]}] * 4)
     with pytest.raises(ValueError, match="text"):
         make_trainer(
-            tmp_path, policy, policy_tokenizer, pretokenized, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer
+            tmp_path,
+            policy,
+            policy_tokenizer,
+            pretokenized,
+            ref_model=copy.deepcopy(ref_model),
+            ref_tokenizer=ref_tokenizer,
         )
     with pytest.raises(ValueError, match="token embeddings"):
         make_trainer(tmp_path, policy, policy_tokenizer, raw, ref_model=tiny_llama(policy_tokenizer, vocab_size=8))
     with pytest.raises(ValueError, match="only one reference model"):
         make_trainer(
-            tmp_path, policy, policy_tokenizer, raw, ref_model=tiny_llama(policy_tokenizer),
+            tmp_path,
+            policy,
+            policy_tokenizer,
+            raw,
+            ref_model=tiny_llama(policy_tokenizer),
             config={"ref_model_name_or_path": "somewhere"},
         )
     with pytest.raises(ValueError, match="sync_ref_model"):
         make_trainer(
-            tmp_path, policy, policy_tokenizer, raw, ref_model=copy.deepcopy(ref_model), ref_tokenizer=ref_tokenizer,
+            tmp_path,
+            policy,
+            policy_tokenizer,
+            raw,
+            ref_model=copy.deepcopy(ref_model),
+            ref_tokenizer=ref_tokenizer,
             config={"sync_ref_model": True},
         )
     config_errors = {
@@ -569,7 +695,9 @@ def test_reference_sources_under_zero3_two_processes(tmp_path, ref_model, ref_to
     ref_tokenizer.save_pretrained(tmp_path / "ref")
     from deepspeed_launcher import launch_deepspeed  # a free port, a timeout, the workers' output on failure
 
-    launch_deepspeed(Path(__file__).resolve().parent / "zero3_reference_sources.py", tmp_path, tmp_path / "ref", zero_stage=3)
+    launch_deepspeed(
+        Path(__file__).resolve().parent / "zero3_reference_sources.py", tmp_path, tmp_path / "ref", zero_stage=3
+    )
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["cross_online"]["losses"] == ranks[1]["cross_online"]["losses"]
     online, precomputed, supplied = (ranks[0][case] for case in ("cross_online", "cross_precomputed", "supplied"))

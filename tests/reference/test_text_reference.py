@@ -11,6 +11,7 @@ from trl_refpo import RefPOTrainer
 from trl_refpo.reference.text import TextReference, reference_columns
 from trl_refpo.testing import tiny_llama, tiny_tokenizer
 
+
 WORDS = ["café", "naïve", "日本語", "über", "🙂", "straße", "ØRE"]
 PROMPT = "say : a b"
 COMPLETION = " café naïve 日本語 über 🙂 straße"
@@ -28,7 +29,9 @@ def byte_level_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=266, special_tokens=["<|pad|>", "<|end|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        vocab_size=266,
+        special_tokens=["<|pad|>", "<|end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator([PROMPT + COMPLETION, "say : " + " ".join(WORDS)] * 4, trainer)
@@ -38,10 +41,18 @@ def byte_level_tokenizer():
 def reference_row(policy_tokenizer, byte_level_tokenizer, tmp_path, max_length, truncation_mode="keep_start"):
     dataset = Dataset.from_list([{"prompt": PROMPT, "chosen": COMPLETION, "rejected": " über café"}])
     trainer = RefPOTrainer(
-        model=tiny_llama(policy_tokenizer), ref_model=tiny_llama(byte_level_tokenizer, seed=1),
-        ref_tokenizer=byte_level_tokenizer, processing_class=policy_tokenizer, train_dataset=dataset,
-        args=tiny_args(tmp_path, loss_type="sigmoid", max_length=max_length, truncation_mode=truncation_mode,
-                       per_device_train_batch_size=1),
+        model=tiny_llama(policy_tokenizer),
+        ref_model=tiny_llama(byte_level_tokenizer, seed=1),
+        ref_tokenizer=byte_level_tokenizer,
+        processing_class=policy_tokenizer,
+        train_dataset=dataset,
+        args=tiny_args(
+            tmp_path,
+            loss_type="sigmoid",
+            max_length=max_length,
+            truncation_mode=truncation_mode,
+            per_device_train_batch_size=1,
+        ),
     )
     assert isinstance(trainer.reference_source, TextReference)
     return trainer.train_dataset[0]
@@ -53,9 +64,14 @@ def kept_text(tokenizer, ids):
 
 def test_unicode_completion_is_kept_whole_without_truncation(policy_tokenizer, byte_level_tokenizer, tmp_path):
     row = reference_row(policy_tokenizer, byte_level_tokenizer, tmp_path, max_length=None)
-    assert kept_text(byte_level_tokenizer, row["ref_prompt_ids"] + row["ref_chosen_ids"]) == PROMPT + COMPLETION + "<|end|>"
-    assert any(len(byte_level_tokenizer.decode([token])) == 0 or "�" in byte_level_tokenizer.decode([token])
-               for token in row["ref_chosen_ids"])  # some token holds part of a character: the case under test
+    assert (
+        kept_text(byte_level_tokenizer, row["ref_prompt_ids"] + row["ref_chosen_ids"])
+        == PROMPT + COMPLETION + "<|end|>"
+    )
+    assert any(
+        len(byte_level_tokenizer.decode([token])) == 0 or "�" in byte_level_tokenizer.decode([token])
+        for token in row["ref_chosen_ids"]
+    )  # some token holds part of a character: the case under test
 
 
 @pytest.mark.parametrize("kept_words", [1, 2, 3, 4, 5])
@@ -80,7 +96,9 @@ def test_keep_end_drops_the_same_unicode_text_at_the_front(policy_tokenizer, byt
 
 def test_reference_columns_is_a_pure_function_of_the_batch(policy_tokenizer, byte_level_tokenizer):
     batch = {
-        "prompt": [PROMPT], "chosen": [COMPLETION], "rejected": [" über"],
+        "prompt": [PROMPT],
+        "chosen": [COMPLETION],
+        "rejected": [" über"],
         "prompt_ids": [policy_tokenizer(PROMPT)["input_ids"]],
         "chosen_ids": [policy_tokenizer(COMPLETION)["input_ids"] + [policy_tokenizer.eos_token_id]],
         "rejected_ids": [policy_tokenizer(" über")["input_ids"] + [policy_tokenizer.eos_token_id]],

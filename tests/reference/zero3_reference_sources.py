@@ -9,8 +9,10 @@ import os
 import sys
 from pathlib import Path
 
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from deepspeed_launcher import patch_accelerate_for_cpu_deepspeed, skip_shm_comm_build  # noqa: E402
+
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 patch_accelerate_for_cpu_deepspeed()
@@ -18,6 +20,7 @@ skip_shm_comm_build()
 
 from trl_refpo import RefPOConfig, RefPOTrainer  # noqa: E402
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset  # noqa: E402
+
 
 SUPPLIED = [-1.23456789 - index for index in range(16)]
 
@@ -28,9 +31,19 @@ def main(out: str, ref_path: str) -> None:
     for case in ("cross_online", "cross_precomputed", "supplied"):
         dataset = toy_preference_dataset(16, seed=2)
         config = dict(
-            output_dir=f"{out}/{case}", bf16=False, gradient_checkpointing=False, report_to=[], disable_tqdm=True,
-            per_device_train_batch_size=4, max_steps=2, logging_steps=1, save_strategy="no", learning_rate=1e-3,
-            loss_type=["flex_dpo"], train_sampling_strategy="sequential", seed=0,
+            output_dir=f"{out}/{case}",
+            bf16=False,
+            gradient_checkpointing=False,
+            report_to=[],
+            disable_tqdm=True,
+            per_device_train_batch_size=4,
+            max_steps=2,
+            logging_steps=1,
+            save_strategy="no",
+            learning_rate=1e-3,
+            loss_type=["flex_dpo"],
+            train_sampling_strategy="sequential",
+            seed=0,
         )
         if case.startswith("cross"):
             config.update(ref_model_name_or_path=ref_path, ref_tokenizer_name_or_path=ref_path)

@@ -10,9 +10,23 @@ from trl_refpo.research.ifeval_data import INSTRUCTION_IDS, Reply, build, make_p
 from trl_refpo.research.ifeval_judge import conflicts, judge
 from trl_refpo.testing import tiny_llama, tiny_tokenizer
 
+
 # commas, capitals and keywords in the vocabulary, so a random tiny model's samples pass some checks and fail others
-EXTRA_WORDS = [",", "very", "great", "simple", "warm", "BREAD", "IS", "*", "P.S.", "[day]", "Any", "other",
-               "questions?"]
+EXTRA_WORDS = [
+    ",",
+    "very",
+    "great",
+    "simple",
+    "warm",
+    "BREAD",
+    "IS",
+    "*",
+    "P.S.",
+    "[day]",
+    "Any",
+    "other",
+    "questions?",
+]
 
 
 def test_splits_share_no_base_task_and_heldout_is_balanced():
@@ -45,8 +59,18 @@ def test_pick_pair_takes_the_first_passing_and_the_failing_sample_closest_in_len
 def tiny_build(tmp_path_factory):
     tokenizer = tiny_tokenizer(extra_words=EXTRA_WORDS)
     model = tiny_llama(tokenizer)
-    settings = dict(model_name="tiny", num_train_prompts=12, num_heldout_prompts=24, num_heldout_pair_prompts=6,
-                    num_samples=6, temperature=2.0, top_p=1.0, max_new_tokens=6, batch_size=4, progress=False)
+    settings = dict(
+        model_name="tiny",
+        num_train_prompts=12,
+        num_heldout_prompts=24,
+        num_heldout_pair_prompts=6,
+        num_samples=6,
+        temperature=2.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        batch_size=4,
+        progress=False,
+    )
     first, second = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
     report = build(model, tokenizer, first, seed=0, **settings)
     build(model, tokenizer, second, seed=0, **settings)

@@ -7,7 +7,11 @@ import pytest
 
 from trl_refpo.research.ifeval_data import make_prompts
 from trl_refpo.research.ifeval_eval import (
-    METRICS, bootstrap_interval, bootstrap_resamples, evaluate_policy, generation_state,
+    METRICS,
+    bootstrap_interval,
+    bootstrap_resamples,
+    evaluate_policy,
+    generation_state,
 )
 from trl_refpo.testing import tiny_llama, tiny_tokenizer
 
@@ -34,8 +38,8 @@ def test_instruction_level_interval_resamples_prompts_and_pools():
 
 def test_interval_width_of_a_half_rate_over_300_prompts():
     low, high = bootstrap_interval([1.0, 0.0] * 150, seed=0, num_resamples=2000)
-    assert low == pytest.approx(0.5 - 1.96 * 0.5 / 300 ** 0.5, abs=0.01)
-    assert high == pytest.approx(0.5 + 1.96 * 0.5 / 300 ** 0.5, abs=0.01)
+    assert low == pytest.approx(0.5 - 1.96 * 0.5 / 300**0.5, abs=0.01)
+    assert high == pytest.approx(0.5 + 1.96 * 0.5 / 300**0.5, abs=0.01)
 
 
 @pytest.fixture
@@ -48,8 +52,9 @@ def test_report_fields_and_a_known_verdict(tiny, monkeypatch):
     model, ref, tokenizer = tiny
     rows = make_prompts("heldout", 6)
     pairs = [{"key": rows[0]["key"], "prompt": rows[0]["prompt"], "chosen": "a b", "rejected": "c d"}]
-    report = evaluate_policy(model, tokenizer, rows, ref_model=ref, pairs=pairs, max_new_tokens=4, num_resamples=50,
-                             progress=False)
+    report = evaluate_policy(
+        model, tokenizer, rows, ref_model=ref, pairs=pairs, max_new_tokens=4, num_resamples=50, progress=False
+    )
     assert set(report.metrics) == set(METRICS) == set(report.intervals)
     assert [p["key"] for p in report.per_prompt] == [r["key"] for r in rows]
     for row, item in zip(rows, report.per_prompt):
@@ -76,8 +81,12 @@ def test_generation_uses_the_kv_cache_after_training_left_it_off(tiny):
     model.config.use_cache = False
     model.train()
     lengths = []
-    model.model.register_forward_pre_hook(lambda module, args, kwargs: lengths.append(kwargs["input_ids"].shape[1])
-                                          if kwargs.get("input_ids") is not None else None, with_kwargs=True)
+    model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: (
+            lengths.append(kwargs["input_ids"].shape[1]) if kwargs.get("input_ids") is not None else None
+        ),
+        with_kwargs=True,
+    )
     rows = make_prompts("heldout", 3)
     evaluate_policy(model, tokenizer, rows, max_new_tokens=5, batch_size=3, num_resamples=10, progress=False)
     assert len(lengths) == 5 and lengths[0] > 10 and lengths[1:] == [1, 1, 1, 1]  # prefill, then one token a step

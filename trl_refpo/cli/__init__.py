@@ -69,15 +69,28 @@ from .parsing import ParsedRecipe, RecipeArguments, build_parser, parse_recipe
 from .quiet import silence_project_triggered_warnings
 from .run import build_trainer, run_dpo, train_and_save
 
+
 DEBUG_ENV = "TRL_REFPO_DEBUG"
 # Setup errors: our own checks', and those of loading the model, tokenizer and dataset (OfflineModelUnavailable is an
 # ImportError, as is a missing optional package).
 SETUP_ERRORS = (RecipeError, ValueError, OSError, KeyError, ImportError)
 
 __all__ = [
-    "LEGACY_KEYS", "ParsedRecipe", "RecipeArguments", "RecipeError", "build_parser", "build_trainer",
-    "check_model_path", "launch", "load_handbook_mixture", "load_recipe_dataset", "main", "parse_recipe", "run_dpo",
-    "train_and_save", "translate_legacy",
+    "LEGACY_KEYS",
+    "ParsedRecipe",
+    "RecipeArguments",
+    "RecipeError",
+    "build_parser",
+    "build_trainer",
+    "check_model_path",
+    "launch",
+    "load_handbook_mixture",
+    "load_recipe_dataset",
+    "main",
+    "parse_recipe",
+    "run_dpo",
+    "train_and_save",
+    "translate_legacy",
 ]
 
 
@@ -99,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return study_main(rest, DEBUG_ENV)
     if command != "dpo":
-        print(f"trl-refpo: error: unknown command {command!r}; the commands are 'dpo' and 'study'.\n{USAGE}",
-              file=sys.stderr)
+        print(
+            f"trl-refpo: error: unknown command {command!r}; the commands are 'dpo' and 'study'.\n{USAGE}",
+            file=sys.stderr,
+        )
         return 2
     debug = _pop_debug_flag(rest) or bool(os.environ.get(DEBUG_ENV))
     silence_project_triggered_warnings()

@@ -9,6 +9,7 @@ from pathlib import Path
 from ..research.offline_models import resolve_model_path
 from .errors import RecipeError
 
+
 DEEPSPEED_INSTALL = 'pip install "trl-refpo[deepspeed]"'
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -30,8 +31,10 @@ def check_model_path(
     from transformers import AutoConfig
 
     path = resolve_model_path(name_or_path)
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")) and not any(
-        Path(path).glob("*.gguf")
+    if (
+        os.path.isdir(path)
+        and not os.path.isfile(os.path.join(path, "config.json"))
+        and not any(Path(path).glob("*.gguf"))
     ):
         raise RecipeError(f"{key} {name_or_path!r} is a folder without config.json: not a model.")
     _check_local(path, name_or_path, key)
@@ -86,14 +89,28 @@ def _optimizer_package(optim: str) -> str | None:
     for prefix, package in prefixes.items():
         if optim.startswith(prefix):
             return package
-    return {"adamw_torch_4bit": "torchao", "adamw_torch_8bit": "torchao", "lomo": "lomo-optim", "adalomo": "lomo-optim",
-            "grokadamw": "grokadamw", "adamw_anyprecision": "torchdistx"}.get(optim)
+    return {
+        "adamw_torch_4bit": "torchao",
+        "adamw_torch_8bit": "torchao",
+        "lomo": "lomo-optim",
+        "adalomo": "lomo-optim",
+        "grokadamw": "grokadamw",
+        "adamw_anyprecision": "torchdistx",
+    }.get(optim)
 
 
 MODULE_OF_PACKAGE = {
-    "bitsandbytes": "bitsandbytes", "flash-attn": "flash_attn", "liger-kernel": "liger_kernel", "kernels": "kernels",
-    "galore-torch": "galore_torch", "apollo-torch": "apollo_torch", "schedulefree": "schedulefree",
-    "torchao": "torchao", "lomo-optim": "lomo_optim", "grokadamw": "grokadamw", "torchdistx": "torchdistx",
+    "bitsandbytes": "bitsandbytes",
+    "flash-attn": "flash_attn",
+    "liger-kernel": "liger_kernel",
+    "kernels": "kernels",
+    "galore-torch": "galore_torch",
+    "apollo-torch": "apollo_torch",
+    "schedulefree": "schedulefree",
+    "torchao": "torchao",
+    "lomo-optim": "lomo_optim",
+    "grokadamw": "grokadamw",
+    "torchdistx": "torchdistx",
 }
 
 
@@ -126,5 +143,7 @@ def check_required_packages(training_args, model_args) -> None:
     }
     if missing:
         needs = "; ".join(f"`{setting}` needs the package {package!r}" for setting, package in missing.items())
-        raise RecipeError(f"{needs}, not installed: pip install {' '.join(dict.fromkeys(missing.values()))} (or change "
-                          f"{'that setting' if len(missing) == 1 else 'those settings'}).")
+        raise RecipeError(
+            f"{needs}, not installed: pip install {' '.join(dict.fromkeys(missing.values()))} (or change "
+            f"{'that setting' if len(missing) == 1 else 'those settings'})."
+        )

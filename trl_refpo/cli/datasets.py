@@ -9,6 +9,7 @@ from trl import DatasetMixtureConfig
 from .errors import RecipeError
 from .parsing import RecipeArguments
 
+
 PREFERENCE_COLUMNS = ("chosen", "rejected")
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
 
@@ -40,7 +41,9 @@ def _load_split(dataset_id: str, config: str | None, split: str | None):
     try:
         if path.is_file():
             if path.suffix not in builders:
-                raise RecipeError(f"Dataset file {dataset_id!r}: unsupported extension; use one of {sorted(builders)}.")
+                raise RecipeError(
+                    f"Dataset file {dataset_id!r}: unsupported extension; use one of {sorted(builders)}."
+                )
             if split not in (None, "train"):
                 raise RecipeError(f"Dataset file {dataset_id!r} has a single split 'train'; got split {split!r}.")
             return datasets.load_dataset(builders[path.suffix], data_files=str(path), split="train")
@@ -70,7 +73,9 @@ def load_handbook_mixture(mixture: dict):
     allowed = {"id", "config", "split", "columns", "weight"}
     extra = set(mixture) - {"datasets", "seed", "test_split_size"}
     if extra:
-        raise RecipeError(f"Unknown key(s) in dataset_mixture: {sorted(extra)}. Known: datasets, seed, test_split_size.")
+        raise RecipeError(
+            f"Unknown key(s) in dataset_mixture: {sorted(extra)}. Known: datasets, seed, test_split_size."
+        )
     seed = int(mixture.get("seed", 0))
     parts, column_sets = [], []
     for entry in mixture["datasets"]:
@@ -78,12 +83,16 @@ def load_handbook_mixture(mixture: dict):
             raise RecipeError(f"Each dataset_mixture entry needs an `id`; got {entry!r}.")
         bad = set(entry) - allowed
         if bad:
-            raise RecipeError(f"Unknown key(s) {sorted(bad)} in dataset_mixture entry {entry['id']!r}. Known: {sorted(allowed)}.")
+            raise RecipeError(
+                f"Unknown key(s) {sorted(bad)} in dataset_mixture entry {entry['id']!r}. Known: {sorted(allowed)}."
+            )
         part = _load_split(entry["id"], entry.get("config"), entry.get("split", "train"))
         if entry.get("columns") is not None:
             missing = set(entry["columns"]) - set(part.column_names)
             if missing:
-                raise RecipeError(f"Dataset {entry['id']!r} has no column(s) {sorted(missing)}; it has {part.column_names}.")
+                raise RecipeError(
+                    f"Dataset {entry['id']!r} has no column(s) {sorted(missing)}; it has {part.column_names}."
+                )
             part = part.select_columns(entry["columns"])
             column_sets.append(set(entry["columns"]))
         check_preference_columns(part.column_names, f"Dataset {entry['id']!r} (split {entry.get('split', 'train')!r})")

@@ -11,6 +11,7 @@ from .checks import require_deepspeed
 from .errors import RecipeError
 from .parsing import ParsedRecipe
 
+
 CPU_DATA_PARALLEL = "examples/accelerate_configs/ddp.yaml with `use_cpu: true` in the recipe (data-parallel over gloo)"
 
 

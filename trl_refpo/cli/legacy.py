@@ -11,6 +11,7 @@ from ..config import RefPOConfig
 from ..objectives.registry import reference_free_equivalent, reference_free_types
 from .errors import RecipeError
 
+
 LEGACY_KEYS = (
     "torch_dtype",
     "max_prompt_length",
@@ -31,7 +32,6 @@ LEGACY_KEYS = (
 )
 
 
-
 def translate_legacy(legacy: dict, training_args: RefPOConfig, model_args: ModelConfig, explicit: set[str]):
     """Old-meaning translation of :data:`LEGACY_KEYS`. Returns (dataclass overrides, printed notes, length limits)."""
     overrides: dict[str, Any] = {}
@@ -41,8 +41,10 @@ def translate_legacy(legacy: dict, training_args: RefPOConfig, model_args: Model
     def rename(old: str, new: str, value):
         now = getattr(model_args, new) if hasattr(model_args, new) else getattr(training_args, new)
         if new in explicit and _differs(now, value):
-            raise RecipeError(f"`{old}: {value}` and `{new}` are both set and disagree; `{old}` is the old name of "
-                              f"`{new}`: keep only `{new}`.")
+            raise RecipeError(
+                f"`{old}: {value}` and `{new}` are both set and disagree; `{old}` is the old name of "
+                f"`{new}`: keep only `{new}`."
+            )
         overrides[new] = value
         notes.append(f"{old}: {value} → {new}: {value}")
 
@@ -97,8 +99,10 @@ def translate_legacy(legacy: dict, training_args: RefPOConfig, model_args: Model
         if float(weight) < 0:
             raise RecipeError(f"{key} must be >= 0, got {weight}.")
         if "sft" in loss_type:
-            raise RecipeError(f"{key} adds an 'sft' loss term but loss_type already contains 'sft': remove {key} "
-                              "and set its weight in loss_weights.")
+            raise RecipeError(
+                f"{key} adds an 'sft' loss term but loss_type already contains 'sft': remove {key} "
+                "and set its weight in loss_weights."
+            )
         loss_weights = (loss_weights or [1.0] * len(loss_type)) + [float(weight)]
         loss_type = loss_type + ["sft"]
         overrides["loss_type"], overrides["loss_weights"] = loss_type, loss_weights
@@ -110,8 +114,10 @@ def translate_legacy(legacy: dict, training_args: RefPOConfig, model_args: Model
             if value <= 0:
                 raise RecipeError(f"{key} must be > 0, got {value}.")
             limits[key] = value
-            notes.append(f"{key}: {value} → {'prompts keep their last' if 'prompt' in key else 'completions keep their first'} "
-                         f"{value} tokens")
+            notes.append(
+                f"{key}: {value} → {'prompts keep their last' if 'prompt' in key else 'completions keep their first'} "
+                f"{value} tokens"
+            )
     if len(limits) == 2 and "max_length" not in explicit:
         overrides["max_length"] = limits["max_prompt_length"] + limits["max_completion_length"]
         notes.append(f"max_length: {overrides['max_length']} (= max_prompt_length + max_completion_length)")

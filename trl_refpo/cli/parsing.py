@@ -34,8 +34,8 @@ class RecipeArguments(ScriptArguments):
     )
 
 
-
 DATACLASS_TYPES = (RecipeArguments, RefPOConfig, ModelConfig, DatasetMixtureConfig)
+
 
 def build_parser() -> TrlParser:
     # allow_abbrev=False: `--learning_rat` is an unknown flag, as a misspelled recipe key is, not `--learning_rate`.
@@ -202,7 +202,9 @@ def parse_recipe(argv: list[str]) -> ParsedRecipe:
     launch_args, unknown_flags = _separate_launch_args(remaining, argv)
     if unknown_flags:
         names = [t for t in unknown_flags if t.startswith("-")]
-        hints = "; ".join(f"{name}{_suggest(name.lstrip('-').split('=')[0], dests | set(LEGACY_KEYS))}" for name in names)
+        hints = "; ".join(
+            f"{name}{_suggest(name.lstrip('-').split('=')[0], dests | set(LEGACY_KEYS))}" for name in names
+        )
         raise RecipeError(f"Unknown command-line argument(s): {hints or unknown_flags}.")
 
     overrides, legacy_notes, limits = translate_legacy(legacy, training_args, model_args, explicit)
@@ -213,8 +215,14 @@ def parse_recipe(argv: list[str]) -> ParsedRecipe:
     if recipe_path is not None:
         script_argv = ["--config", recipe_path, *script_argv]
     return ParsedRecipe(
-        script_args, training_args, model_args, dataset_args, launch_args, script_argv,
-        max_prompt_length=limits.get("max_prompt_length"), max_completion_length=limits.get("max_completion_length"),
+        script_args,
+        training_args,
+        model_args,
+        dataset_args,
+        launch_args,
+        script_argv,
+        max_prompt_length=limits.get("max_prompt_length"),
+        max_completion_length=limits.get("max_completion_length"),
         notes=notes,
     )
 

@@ -20,6 +20,7 @@ from .errors import PROG, RecipeError
 from .launch import check_launched_processes
 from .parsing import ParsedRecipe
 
+
 LIBRARY_LOGGER = "trl_refpo"
 
 
@@ -123,8 +124,10 @@ def build_trainer(parsed: ParsedRecipe) -> RefPOTrainer:
         check_tokenizer_path(script_args.tokenizer_name_or_path, trust_remote_code)
     dataset = load_recipe_dataset(script_args, parsed.dataset_args)
     if script_args.dataset_train_split not in dataset:
-        raise RecipeError(f"Dataset has splits {list(dataset)}; dataset_train_split {script_args.dataset_train_split!r} "
-                          "is not one of them.")
+        raise RecipeError(
+            f"Dataset has splits {list(dataset)}; dataset_train_split {script_args.dataset_train_split!r} "
+            "is not one of them."
+        )
     train_dataset = dataset[script_args.dataset_train_split]
     check_preference_columns(train_dataset.column_names, f"The train split {script_args.dataset_train_split!r}")
     eval_dataset = None
@@ -170,7 +173,8 @@ def build_trainer(parsed: ParsedRecipe) -> RefPOTrainer:
     )
     if parsed.max_prompt_length is not None or parsed.max_completion_length is not None:
         trainer = _LegacyLengthTrainer(
-            max_prompt_length=parsed.max_prompt_length, max_completion_length=parsed.max_completion_length,
+            max_prompt_length=parsed.max_prompt_length,
+            max_completion_length=parsed.max_completion_length,
             **trainer_kwargs,
         )
     else:
@@ -207,7 +211,9 @@ def train_and_save(trainer: RefPOTrainer, parsed: ParsedRecipe) -> RefPOTrainer:
             tags=list(dict.fromkeys(training_args.loss_type)),
         )
         describe_local_models_in_card(
-            Path(training_args.output_dir) / "README.md", parsed.model_args.model_name_or_path, training_args.output_dir
+            Path(training_args.output_dir) / "README.md",
+            parsed.model_args.model_name_or_path,
+            training_args.output_dir,
         )
     trainer.accelerator.print(f"[{PROG}] model saved to {training_args.output_dir}")
     if trainer.eval_dataset is not None:

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+
 PROG = "trl-refpo study"
 USAGE = f"""usage: {PROG} CONFIG.yaml --output_dir DIR [--jobs N] [--debug]
        {PROG} report DIR [--debug]"""

@@ -71,11 +71,20 @@ from .checks import check_model_path, check_tokenizer_path
 from .parsing import parse_recipe
 from .run import build_trainer
 
+
 RUNS_FILE = "runs.jsonl"
 SUMMARY_FILE = "summary.md"
 STUDY_KEYS = {"recipe", "evaluation", "seeds", "baseline", "arms"}
-EVALUATION_KEYS = {"prompts", "pairs", "num_prompts", "subset_seed", "max_new_tokens", "batch_size",
-                   "num_resamples", "drift"}
+EVALUATION_KEYS = {
+    "prompts",
+    "pairs",
+    "num_prompts",
+    "subset_seed",
+    "max_new_tokens",
+    "batch_size",
+    "num_resamples",
+    "drift",
+}
 # Metrics with a per-prompt value: name -> how to read it from one per_prompt entry.
 PROMPT_METRICS: dict[str, Callable[[dict], object]] = {
     "prompt_strict": lambda row: float(all(row["strict"])),
@@ -171,8 +180,10 @@ def parse_study(data: dict, base_dir=".") -> Study:
     for arm in arms:
         missing = sorted(set(arm.seeds) - baseline_seeds)
         if missing:
-            raise StudyError(f"arm {arm.name!r}: seeds {missing} are missing for the baseline arm {baseline!r} "
-                             "(paired differences need the baseline on every seed); add them to the baseline.")
+            raise StudyError(
+                f"arm {arm.name!r}: seeds {missing} are missing for the baseline arm {baseline!r} "
+                "(paired differences need the baseline on every seed); add them to the baseline."
+            )
         _check_arm_recipe(study, arm)
     return study
 
@@ -247,10 +258,14 @@ def pending_runs(study: Study, output_dir) -> list[tuple[Arm, int]]:
     """The (arm, seed) pairs without a line in ``runs.jsonl`` at their current config hash, seed-major (every arm's
     first seed, then every arm's second, ...), so a study cut short has every arm."""
     done = {(run["arm"], run["seed"], run["config_hash"]) for run in read_runs(output_dir)}
-    order = [(position, index, arm, seed) for index, arm in enumerate(study.arms)
-             for position, seed in enumerate(arm.seeds)]
-    return [(arm, seed) for _, _, arm, seed in sorted(order, key=lambda item: item[:2])
-            if (arm.name, seed, study.config_hash(arm, seed)) not in done]
+    order = [
+        (position, index, arm, seed) for index, arm in enumerate(study.arms) for position, seed in enumerate(arm.seeds)
+    ]
+    return [
+        (arm, seed)
+        for _, _, arm, seed in sorted(order, key=lambda item: item[:2])
+        if (arm.name, seed, study.config_hash(arm, seed)) not in done
+    ]
 
 
 def _evaluation_rows(study: Study, key: str):
@@ -293,20 +308,25 @@ def _pairs_logps(trainer, pairs) -> dict[str, float]:
         return [{"role": role, "content": text}]
 
     # as the evaluation renders them: the prompt as one user message, the reply as the assistant's
-    columns = {"prompt": [message("user", p["prompt"]) for p in pairs],
-               "chosen": [message("assistant", p["chosen"]) for p in pairs],
-               "rejected": [message("assistant", p["rejected"]) for p in pairs]}
+    columns = {
+        "prompt": [message("user", p["prompt"]) for p in pairs],
+        "chosen": [message("assistant", p["chosen"]) for p in pairs],
+        "rejected": [message("assistant", p["rejected"]) for p in pairs],
+    }
     dataset = trainer._prepare_dataset(Dataset.from_dict(columns), trainer.processing_class, trainer.args, "eval")
     metrics = trainer.evaluate(eval_dataset=dataset)
-    wanted = {"eval_logps/chosen": "logps_chosen", "eval_logps/rejected": "logps_rejected",
-              "eval_logps/accuracies": "logps_accuracy", "eval_rewards/accuracies": "rewards_accuracy"}
+    wanted = {
+        "eval_logps/chosen": "logps_chosen",
+        "eval_logps/rejected": "logps_rejected",
+        "eval_logps/accuracies": "logps_accuracy",
+        "eval_rewards/accuracies": "rewards_accuracy",
+    }
     return {name: float(metrics[key]) for key, name in wanted.items() if key in metrics}
 
 
 def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dict:
     """Train one (arm, seed) with ``trl-refpo dpo``'s trainer and evaluate it; the JSON record of the run."""
     import torch
-
 
     if evaluate is None:
         evaluate = evaluate_policy
@@ -324,19 +344,31 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
     train_seconds = time.perf_counter() - train_start
     final_logs = {}
     for entry in trainer.state.log_history:
-        final_logs.update({key: float(value) for key, value in entry.items()
-                           if isinstance(value, (int, float)) and key not in ("epoch", "step")
-                           and not key.startswith("eval_")})
+        final_logs.update(
+            {
+                key: float(value)
+                for key, value in entry.items()
+                if isinstance(value, (int, float)) and key not in ("epoch", "step") and not key.startswith("eval_")
+            }
+        )
     after = _pairs_logps(trainer, pairs) if pairs else {}
     model, tokenizer = trainer.model, trainer.processing_class
     ref_model = None
     if study.evaluation.get("drift", True):
         ref_model = type(model).from_pretrained(_initial_policy_path(parsed), dtype=model.dtype).to(model.device)
     eval_start = time.perf_counter()
-    report = evaluate(model, tokenizer, prompts, ref_model=ref_model, pairs=pairs, seed=seed,
-                      batch_size=study.evaluation.get("batch_size", 16),
-                      max_new_tokens=study.evaluation.get("max_new_tokens", 64),
-                      num_resamples=study.evaluation.get("num_resamples", 1000), progress=True)
+    report = evaluate(
+        model,
+        tokenizer,
+        prompts,
+        ref_model=ref_model,
+        pairs=pairs,
+        seed=seed,
+        batch_size=study.evaluation.get("batch_size", 16),
+        max_new_tokens=study.evaluation.get("max_new_tokens", 64),
+        num_resamples=study.evaluation.get("num_resamples", 1000),
+        progress=True,
+    )
     eval_seconds = time.perf_counter() - eval_start
     metrics = dict(report.metrics)
     for name, value in after.items():
@@ -346,14 +378,23 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
     metrics.update({f"train/{key}": value for key, value in final_logs.items()})
     metrics["train/loss_mean"] = float(train_result.training_loss)
     return {
-        "arm": arm.name, "seed": seed, "config_hash": study.config_hash(arm, seed), "version": __version__,
+        "arm": arm.name,
+        "seed": seed,
+        "config_hash": study.config_hash(arm, seed),
+        "version": __version__,
         "loss_type": study.run_recipe(arm, seed).get("loss_type", "sigmoid"),
-        "device": _device(), "host": socket.gethostname(), "bf16": bool(parsed.training_args.bf16),
-        "wall_seconds": round(time.perf_counter() - start, 2), "train_seconds": round(train_seconds, 2),
-        "eval_seconds": round(eval_seconds, 2), "metrics": metrics,
+        "device": _device(),
+        "host": socket.gethostname(),
+        "bf16": bool(parsed.training_args.bf16),
+        "wall_seconds": round(time.perf_counter() - start, 2),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "metrics": metrics,
         "intervals": {key: list(value) for key, value in report.intervals.items()},
-        "per_instruction": report.per_instruction, "per_prompt": report.per_prompt,
-        "config": study.run_recipe(arm, seed), "evaluation": study.evaluation,
+        "per_instruction": report.per_instruction,
+        "per_prompt": report.per_prompt,
+        "config": study.run_recipe(arm, seed),
+        "evaluation": study.evaluation,
     }
 
 
@@ -367,8 +408,10 @@ STUDY_COPY = "study.yaml"
 def save_study(study: Study, output_dir) -> None:
     """The study as run, for ``trl-refpo study report DIR`` (relative paths resolved against the original file)."""
     text = yaml.safe_dump({**study.raw, "recipe": study.recipe}, sort_keys=False)
-    header = ("# The study as `trl-refpo study` ran it, read by `trl-refpo study report`. Its relative paths are "
-              "relative to the original file: run the original, not this copy.\n")
+    header = (
+        "# The study as `trl-refpo study` ran it, read by `trl-refpo study report`. Its relative paths are "
+        "relative to the original file: run the original, not this copy.\n"
+    )
     (Path(output_dir) / STUDY_COPY).write_text(header + text)
 
 
@@ -382,8 +425,15 @@ def _run_in_subprocess(study_path: str, arm_name: str, seed: int, output_dir: st
     return run_one(study, study.arm(arm_name), seed, output_dir)
 
 
-def run_study(study: Study | str | os.PathLike, output_dir, *, evaluate=None, jobs: int = 1,
-              after_run: Callable[[dict], None] | None = None, progress: bool = True) -> list[dict]:
+def run_study(
+    study: Study | str | os.PathLike,
+    output_dir,
+    *,
+    evaluate=None,
+    jobs: int = 1,
+    after_run: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Run every pending (arm, seed); append each finished run to ``runs.jsonl``. Returns the new records.
 
     ``evaluate`` replaces ``evaluate_policy`` (tests); ``after_run(record)`` is called after each line is written
@@ -407,8 +457,9 @@ def run_study(study: Study | str | os.PathLike, output_dir, *, evaluate=None, jo
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_in_subprocess, study_path, arm.name, seed, str(output_dir))
-                       for arm, seed in todo]
+            futures = [
+                pool.submit(_run_in_subprocess, study_path, arm.name, seed, str(output_dir)) for arm, seed in todo
+            ]
             for future in as_completed(futures):
                 record = future.result()
                 _append(output_dir, record)
@@ -447,8 +498,14 @@ def _statistic(values: list, index: np.ndarray) -> float:
     return float(np.mean(numbers)) if numbers else float("nan")
 
 
-def bootstrap_over_seeds_and_prompts(arm_values: list[list], baseline_values: list[list] | None = None, *,
-                                     seed: int = 0, num_resamples: int = 1000, confidence: float = 0.95):
+def bootstrap_over_seeds_and_prompts(
+    arm_values: list[list],
+    baseline_values: list[list] | None = None,
+    *,
+    seed: int = 0,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+):
     """(estimate, low, high) of the mean over seeds of the metric — or of ``arm − baseline`` (paired, row ``i`` of
     both is the same seed) — with the seed-and-prompt bootstrap of the module docstring."""
     k, n = len(arm_values), len(arm_values[0])
@@ -472,12 +529,22 @@ def bootstrap_over_seeds_and_prompts(arm_values: list[list], baseline_values: li
     return float(estimate), float(low), float(high)
 
 
-def bootstrap_over_seeds(arm_values: list[float], baseline_values: list[float] | None = None, *, seed: int = 0,
-                         num_resamples: int = 1000, confidence: float = 0.95):
+def bootstrap_over_seeds(
+    arm_values: list[float],
+    baseline_values: list[float] | None = None,
+    *,
+    seed: int = 0,
+    num_resamples: int = 1000,
+    confidence: float = 0.95,
+):
     """As :func:`bootstrap_over_seeds_and_prompts` for one number per run (seeds resampled only)."""
-    return bootstrap_over_seeds_and_prompts([[value] for value in arm_values],
-                                            None if baseline_values is None else [[v] for v in baseline_values],
-                                            seed=seed, num_resamples=num_resamples, confidence=confidence)
+    return bootstrap_over_seeds_and_prompts(
+        [[value] for value in arm_values],
+        None if baseline_values is None else [[v] for v in baseline_values],
+        seed=seed,
+        num_resamples=num_resamples,
+        confidence=confidence,
+    )
 
 
 def verdict(metric: str, low: float, high: float) -> str:
@@ -498,8 +565,14 @@ def current_runs(study: Study, runs: list[dict]) -> dict[str, dict[int, dict]]:
     return by_arm
 
 
-def summarise(runs_by_arm: dict[str, dict[int, dict]], baseline: str, metrics: list[str] | None = None, *,
-              seed: int = 0, num_resamples: int = 1000) -> list[dict]:
+def summarise(
+    runs_by_arm: dict[str, dict[int, dict]],
+    baseline: str,
+    metrics: list[str] | None = None,
+    *,
+    seed: int = 0,
+    num_resamples: int = 1000,
+) -> list[dict]:
     """One row per (arm, metric): estimate and interval, and the paired difference against ``baseline``."""
     rows = []
     base_runs = runs_by_arm.get(baseline, {})
@@ -507,8 +580,10 @@ def summarise(runs_by_arm: dict[str, dict[int, dict]], baseline: str, metrics: l
         if not by_seed:
             continue
         seeds = sorted(by_seed)
-        names = metrics or sorted({key for run in by_seed.values() for key in run["metrics"]},
-                                  key=lambda key: (key not in PROMPT_METRICS, key))
+        names = metrics or sorted(
+            {key for run in by_seed.values() for key in run["metrics"]},
+            key=lambda key: (key not in PROMPT_METRICS, key),
+        )
         for metric in names:
             if not all(metric in by_seed[s]["metrics"] for s in seeds):
                 continue
@@ -518,33 +593,52 @@ def summarise(runs_by_arm: dict[str, dict[int, dict]], baseline: str, metrics: l
             if per_prompt:
                 estimate, low, high = bootstrap_over_seeds_and_prompts(values, seed=seed, num_resamples=num_resamples)
             else:
-                estimate, low, high = bootstrap_over_seeds([by_seed[s]["metrics"][metric] for s in seeds],
-                                                           seed=seed, num_resamples=num_resamples)
+                estimate, low, high = bootstrap_over_seeds(
+                    [by_seed[s]["metrics"][metric] for s in seeds], seed=seed, num_resamples=num_resamples
+                )
             row.update(mean=estimate, low=low, high=high)
             paired = [s for s in seeds if s in base_runs and metric in base_runs[s]["metrics"]]
             if arm != baseline and paired == seeds:
                 if per_prompt:
                     base_values = [_per_prompt_values(base_runs[s], metric) for s in seeds]
-                    keys_match = all([r["key"] for r in by_seed[s]["per_prompt"]]
-                                     == [r["key"] for r in base_runs[s]["per_prompt"]] for s in seeds)
+                    keys_match = all(
+                        [r["key"] for r in by_seed[s]["per_prompt"]] == [r["key"] for r in base_runs[s]["per_prompt"]]
+                        for s in seeds
+                    )
                     if not keys_match:
-                        raise StudyError(f"arm {arm!r}: its evaluation prompts differ from the baseline's; "
-                                         "rerun both with the same evaluation.")
-                    diff = bootstrap_over_seeds_and_prompts(values, base_values, seed=seed,
-                                                            num_resamples=num_resamples)
+                        raise StudyError(
+                            f"arm {arm!r}: its evaluation prompts differ from the baseline's; "
+                            "rerun both with the same evaluation."
+                        )
+                    diff = bootstrap_over_seeds_and_prompts(
+                        values, base_values, seed=seed, num_resamples=num_resamples
+                    )
                 else:
-                    diff = bootstrap_over_seeds([by_seed[s]["metrics"][metric] for s in seeds],
-                                                [base_runs[s]["metrics"][metric] for s in seeds],
-                                                seed=seed, num_resamples=num_resamples)
-                row.update(diff=diff[0], diff_low=diff[1], diff_high=diff[2],
-                           verdict=verdict(metric, diff[1], diff[2]))
+                    diff = bootstrap_over_seeds(
+                        [by_seed[s]["metrics"][metric] for s in seeds],
+                        [base_runs[s]["metrics"][metric] for s in seeds],
+                        seed=seed,
+                        num_resamples=num_resamples,
+                    )
+                row.update(
+                    diff=diff[0], diff_low=diff[1], diff_high=diff[2], verdict=verdict(metric, diff[1], diff[2])
+                )
             rows.append(row)
     return rows
 
 
 # ------------------------------------------------------------------------------------------------ the report
-REPORT_METRICS = ["prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "pair_accuracy",
-                  "drift", "reply_tokens", "heldout_logps_chosen_change", "heldout_logps_rejected_change"]
+REPORT_METRICS = [
+    "prompt_strict",
+    "prompt_loose",
+    "instruction_strict",
+    "instruction_loose",
+    "pair_accuracy",
+    "drift",
+    "reply_tokens",
+    "heldout_logps_chosen_change",
+    "heldout_logps_rejected_change",
+]
 
 
 def _fmt(value: float) -> str:
@@ -558,9 +652,13 @@ def write_report(study: Study, output_dir, *, seed: int = 0, num_resamples: int 
     done = sum(map(len, runs_by_arm.values()))
     planned = sum(len(arm.seeds) for arm in study.arms)
     rows = summarise(runs_by_arm, study.baseline, seed=seed, num_resamples=num_resamples)
-    lines = [f"# Study summary: {done} of {planned} runs finished", "",
-             f"Baseline arm: `{study.baseline}`. 95 % intervals: bootstrap over prompts and seeds "
-             f"({num_resamples} resamples, seed {seed}); differences are paired (same seeds, same prompts).", ""]
+    lines = [
+        f"# Study summary: {done} of {planned} runs finished",
+        "",
+        f"Baseline arm: `{study.baseline}`. 95 % intervals: bootstrap over prompts and seeds "
+        f"({num_resamples} resamples, seed {seed}); differences are paired (same seeds, same prompts).",
+        "",
+    ]
     lines += ["| arm | seeds done | wall time per run (s) |", "|---|---|---|"]
     for arm in study.arms:
         runs = runs_by_arm[arm.name]
@@ -570,20 +668,32 @@ def write_report(study: Study, output_dir, *, seed: int = 0, num_resamples: int 
     devices = sorted({run["device"] for runs in runs_by_arm.values() for run in runs.values()})
     lines += ["", f"Devices: {', '.join(devices) or '-'}.", ""]
     for metric in [m for m in REPORT_METRICS if any(r["metric"] == m for r in rows)]:
-        lines += [f"## {metric}", "", f"| arm | mean [95 % interval] | paired difference vs {study.baseline} | "
-                  "verdict |", "|---|---|---|---|"]
+        lines += [
+            f"## {metric}",
+            "",
+            f"| arm | mean [95 % interval] | paired difference vs {study.baseline} | verdict |",
+            "|---|---|---|---|",
+        ]
         for row in (r for r in rows if r["metric"] == metric):
-            diff = (f"{_fmt(row['diff'])} [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}]"
-                    if "diff" in row else "-")
-            lines.append(f"| {row['arm']} | {_fmt(row['mean'])} [{_fmt(row['low'])}, {_fmt(row['high'])}] | "
-                         f"{diff} | {row.get('verdict', '-')} |")
+            diff = f"{_fmt(row['diff'])} [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}]" if "diff" in row else "-"
+            lines.append(
+                f"| {row['arm']} | {_fmt(row['mean'])} [{_fmt(row['low'])}, {_fmt(row['high'])}] | "
+                f"{diff} | {row.get('verdict', '-')} |"
+            )
         lines.append("")
     other = sorted({r["metric"] for r in rows} - set(REPORT_METRICS))
     if other:
-        lines += ["## Other metrics (mean over seeds; interval over seeds)", "", "| arm | metric | mean [95 %] |",
-                  "|---|---|---|"]
-        lines += [f"| {r['arm']} | {r['metric']} | {_fmt(r['mean'])} [{_fmt(r['low'])}, {_fmt(r['high'])}] |"
-                  for r in rows if r["metric"] in other]
+        lines += [
+            "## Other metrics (mean over seeds; interval over seeds)",
+            "",
+            "| arm | metric | mean [95 %] |",
+            "|---|---|---|",
+        ]
+        lines += [
+            f"| {r['arm']} | {r['metric']} | {_fmt(r['mean'])} [{_fmt(r['low'])}, {_fmt(r['high'])}] |"
+            for r in rows
+            if r["metric"] in other
+        ]
         lines.append("")
     figures = save_figures(rows, output_dir / "figures", study.baseline)
     lines += [f"![{path.stem}](figures/{path.name})" for path in figures]
@@ -609,15 +719,29 @@ def save_figures(rows: list[dict], folder: Path, baseline: str) -> list[Path]:
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(chosen) + 1.8), sharey=True)
         ys = np.arange(len(chosen))
         means = np.array([r["mean"] for r in chosen])
-        left.errorbar(means, ys, xerr=[means - [r["low"] for r in chosen], [r["high"] for r in chosen] - means],
-                      fmt="o", capsize=3)
+        left.errorbar(
+            means,
+            ys,
+            xerr=[means - [r["low"] for r in chosen], [r["high"] for r in chosen] - means],
+            fmt="o",
+            capsize=3,
+        )
         left.set_yticks(ys, [r["arm"] for r in chosen])
         left.set_xlabel(f"{metric} (mean over seeds, 95 % interval)")
         for y, r in zip(ys, chosen):
             if "diff" in r:
-                right.errorbar([r["diff"]], [y], xerr=[[r["diff"] - r["diff_low"]], [r["diff_high"] - r["diff"]]],
-                               fmt="o", capsize=3, color="tab:red" if r["verdict"] in ("worse", "lower") else
-                               "tab:green" if r["verdict"] in ("better", "higher") else "tab:gray")
+                right.errorbar(
+                    [r["diff"]],
+                    [y],
+                    xerr=[[r["diff"] - r["diff_low"]], [r["diff_high"] - r["diff"]]],
+                    fmt="o",
+                    capsize=3,
+                    color="tab:red"
+                    if r["verdict"] in ("worse", "lower")
+                    else "tab:green"
+                    if r["verdict"] in ("better", "higher")
+                    else "tab:gray",
+                )
         right.axvline(0, color="black", linewidth=0.8)
         right.set_xlabel(f"paired difference vs {baseline}")
         left.invert_yaxis()
@@ -627,5 +751,3 @@ def save_figures(rows: list[dict], folder: Path, baseline: str) -> list[Path]:
         plt.close(figure)
         paths.append(path)
     return paths
-
-

@@ -36,6 +36,7 @@ from transformers.utils import is_triton_available
 from trl.kernels.chunked_logprob import TOKEN_CHUNK_SIZE, ChunkedLogProbFunction
 from trl.trainer.utils import FusedCausalLMOutput, maybe_gather_lm_head_ctx
 
+
 #: Logits in one projection tile where TRL folds tiles in torch (fp32: 16 MiB; a few tile-sized temporaries live).
 TILE_ELEMENTS = 1 << 22
 #: TRL's own vocabulary width per tile, kept where its Triton kernel folds a tile in place.
@@ -110,8 +111,15 @@ def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
             vocab_tile = max(1, tile_elements // max(1, min(tokens, TOKEN_CHUNK_SIZE)))
         with maybe_gather_lm_head_ctx(weight, bias):
             per_token = ChunkedLogProbFunction.apply(
-                hidden_states[mask], weight, bias, targets[mask], 1.0, vocab_tile, transform.softcap,
-                transform.logit_scale, completion_head,
+                hidden_states[mask],
+                weight,
+                bias,
+                targets[mask],
+                1.0,
+                vocab_tile,
+                transform.softcap,
+                transform.logit_scale,
+                completion_head,
             )
         # masked_scatter keeps the output connected to the graph even when no position is a completion token
         log_probs, entropy, _, mean_logits, is_top1 = (
@@ -121,7 +129,11 @@ def add_completion_head(model, tile_elements: int = TILE_ELEMENTS) -> None:
         if kwargs.get("output_router_logits"):
             aux_loss = router_aux_loss(self.config, backbone_outputs.router_logits, kwargs.get("attention_mask"))
         return FusedCausalLMOutput(
-            log_probs=log_probs, entropy=entropy, mean_logits=mean_logits, is_top1=is_top1, label_mask=mask,
+            log_probs=log_probs,
+            entropy=entropy,
+            mean_logits=mean_logits,
+            is_top1=is_top1,
+            label_mask=mask,
             aux_loss=aux_loss,
         )
 
@@ -141,7 +153,12 @@ def router_aux_loss(config, router_logits, attention_mask: Tensor | None) -> Ten
 
 
 def completion_head_outputs(
-    model, input_ids: Tensor, attention_mask: Tensor, labels: Tensor, entropy: bool, metrics: bool = False,
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    labels: Tensor,
+    entropy: bool,
+    metrics: bool = False,
     **model_kwargs,
 ):
     """``model``'s per-token log-probs of the labels that are not -100 via the completion head; with ``entropy``
@@ -167,8 +184,13 @@ def model_inputs(inputs: dict) -> dict:
 
 
 def completion_logps(
-    model, input_ids: Tensor, attention_mask: Tensor, completion_mask: Tensor, entropy: bool = False,
-    metrics: bool = False, **model_kwargs,
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    completion_mask: Tensor,
+    entropy: bool = False,
+    metrics: bool = False,
+    **model_kwargs,
 ) -> tuple[Tensor, Tensor, FusedCausalLMOutput]:
     """Per-row sums of completion-token log-probs, the per-token values, and the head's outputs.
 

@@ -22,6 +22,7 @@ from trl.trainer.utils import maybe_gather_lm_head_ctx
 
 from .completion import LogitTransform, causal_lm_of
 
+
 #: Elements of one ``(positions, V)`` fp32 logit block; three such blocks are alive at a time (48 MiB).
 DEFAULT_BLOCK_ELEMENTS = 1 << 22
 
@@ -37,7 +38,9 @@ class _Head:
     @classmethod
     def of(cls, model) -> _Head:
         causal_lm = causal_lm_of(model)
-        return cls(causal_lm.base_model, causal_lm.get_output_embeddings(), LogitTransform.from_config(causal_lm.config))
+        return cls(
+            causal_lm.base_model, causal_lm.get_output_embeddings(), LogitTransform.from_config(causal_lm.config)
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -116,13 +119,18 @@ class PerturbationScorer:
         policy, weaker_kl, stronger_kl = chosen - rejected
         return {"policy": policy, "weaker_kl": weaker_kl, "stronger_kl": stronger_kl}
 
-    def _score_mixtures(self, policy_hidden: Tensor, reference_hidden: Tensor, targets: Tensor, epsilon: float) -> Tensor:
+    def _score_mixtures(
+        self, policy_hidden: Tensor, reference_hidden: Tensor, targets: Tensor, epsilon: float
+    ) -> Tensor:
         """``(3, N)`` log-probs of ``targets`` under ``h_θ``, ``h_θ + ε·(h_θ − h_ref)`` and ``h_θ − ε·(h_θ − h_ref)``."""
         policy_head, reference_head = self.heads["policy"], self.heads["reference"]
         out = torch.empty(3, targets.numel(), dtype=torch.float32, device=targets.device)
         chunk = max(1, self.block_elements // policy_head.vocab_size)
         with maybe_gather_lm_head_ctx(
-            policy_head.lm_head.weight, policy_head.lm_head.bias, reference_head.lm_head.weight, reference_head.lm_head.bias
+            policy_head.lm_head.weight,
+            policy_head.lm_head.bias,
+            reference_head.lm_head.weight,
+            reference_head.lm_head.bias,
         ):
             for start in range(0, targets.numel(), chunk):
                 end = min(start + chunk, targets.numel())

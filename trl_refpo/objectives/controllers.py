@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+
 ReduceSum = Callable[[Tensor], Tensor]
 MOMENTS_UPDATES = ("micro_batch", "optimizer_step")
 

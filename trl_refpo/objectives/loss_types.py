@@ -15,6 +15,7 @@ from .controllers import MOMENTS_UPDATES, BetaDPOController, EpsilonBetaControll
 from .trl_losses import TRL_PAIR_LOSSES, trl_type_needs_reference
 from .typo_completions import RESERVED_COLUMNS, ReferenceCompletions, ids_column
 
+
 logger = logging.getLogger(__name__)
 
 LENGTH_NORMALISATION_FIELDS = {
@@ -159,12 +160,22 @@ class AlphaDPO(_LengthNormalised):
         mu, sigma = self.controller.estimate()
         beta = self.args.beta
         per_pair = losses.alpha_dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta, self.args.gamma_beta_ratio, self.args.alpha, mu,
-            sigma, self.args.label_smoothing,
+            chosen,
+            rejected,
+            ref_chosen,
+            ref_rejected,
+            beta,
+            self.args.gamma_beta_ratio,
+            self.args.alpha,
+            mu,
+            sigma,
+            self.args.label_smoothing,
         )
         margin = self.args.gamma_beta_ratio + self.args.alpha * losses.alpha_dpo_z(gap, mu, sigma)
         metrics = {
-            "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()), "alpha_dpo/mu": mu, "alpha_dpo/sigma": sigma
+            "alpha_dpo/margin_mean": float(ctx.gather(margin).mean()),
+            "alpha_dpo/mu": mu,
+            "alpha_dpo/sigma": sigma,
         }
         return ObjectiveOutput(per_pair, (beta * chosen).detach(), (beta * rejected).detach(), metrics)
 
@@ -211,7 +222,9 @@ class EpsilonDPO(Objective):
         if ctx.training:
             self.controller.accumulate(steps)
         ref_chosen, ref_rejected = pairs.reference()
-        per_pair = losses.sigmoid_dpo_loss(pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, pair_beta)
+        per_pair = losses.sigmoid_dpo_loss(
+            pairs.chosen_logps, pairs.rejected_logps, ref_chosen, ref_rejected, pair_beta
+        )
         all_steps = ctx.gather(steps.float())
         metrics = {
             "epsilon_dpo/beta": self.controller.beta,
@@ -261,7 +274,10 @@ class BetaDPO(Objective):
     def __init__(self, args):
         super().__init__(args)
         self.controller = running_moments(
-            BetaDPOController, args, self.name, momentum=args.beta_dpo_momentum,
+            BetaDPOController,
+            args,
+            self.name,
+            momentum=args.beta_dpo_momentum,
             constant_sigma="the data filter weighs every pair alike",
         )
 

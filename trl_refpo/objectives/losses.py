@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+
 Scalar = float | Tensor
 
 
@@ -196,8 +197,9 @@ def beta_dpo_selection(
         index = torch.multinomial(weights, keep, replacement=False, generator=generator)
     else:
         zero = (weights == 0).nonzero().flatten()
-        extra = torch.multinomial(torch.ones(zero.numel()), keep - positive.numel(),
-                                  replacement=False, generator=generator)
+        extra = torch.multinomial(
+            torch.ones(zero.numel()), keep - positive.numel(), replacement=False, generator=generator
+        )
         index = torch.cat([positive, zero[extra]])
     selected[index.to(logits.device)] = True
     return selected

@@ -12,6 +12,7 @@ from .base import FieldRange, Objective
 from .loss_types import AlphaDPO, BetaDPO, EpsilonDPO, FlexDPO, Likelihood, Probability, SimPO, TRLBuiltin, Typo
 from .trl_losses import TRL_LOSS_TYPES, trl_type_needs_reference
 
+
 OBJECTIVES: dict[str, type[Objective]] = {
     cls.name: cls for cls in (EpsilonDPO, FlexDPO, AlphaDPO, SimPO, Probability, Likelihood, BetaDPO, Typo)
 }

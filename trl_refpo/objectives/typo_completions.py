@@ -28,6 +28,7 @@ from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
 from ..weights import full_weights_hash
 
+
 logger = logging.getLogger(__name__)
 
 RESERVED_COLUMNS = ("prompt", "chosen", "rejected", "images", "tools", "chat_template_kwargs")
@@ -98,8 +99,14 @@ class ReferenceCompletions:
             )
         args = self.args
         dataset, self.cache_hits[dataset_name] = generate_completions_cached(
-            dataset, sampler.model, sampler.processing_class, SamplingSettings.from_args(args), self.column,
-            args.typo_generation_cache_dir, sampler.accelerator, dataset_name,
+            dataset,
+            sampler.model,
+            sampler.processing_class,
+            SamplingSettings.from_args(args),
+            self.column,
+            args.typo_generation_cache_dir,
+            sampler.accelerator,
+            dataset_name,
             batch_size=args.typo_generation_batch_size or args.per_device_eval_batch_size,
         )
         return dataset
@@ -143,7 +150,9 @@ def tokenize_completion_column(dataset, processing_class, column: str, dataset_n
             warned.append(True)
             logger.warning(
                 "Column %r: the tokenized prompt is not a prefix of the tokenized prompt+completion (example %d); "
-                "the completion tokens after the common prefix are scored after the full prompt.", column, index,
+                "the completion tokens after the common prefix are scored after the full prompt.",
+                column,
+                index,
             )
         return {output_column: full_ids[shared:] if shared < len(prompt_ids) else full_ids[len(prompt_ids) :]}
 
@@ -306,7 +315,12 @@ def generate_completions_cached(
     if not hit:
         with accelerator.split_between_processes(list(range(len(prompts)))) as indices:
             local = sample_completions(
-                model, [prompts[i] for i in indices], settings, pad_token_id, eos_ids, batch_size,
+                model,
+                [prompts[i] for i in indices],
+                settings,
+                pad_token_id,
+                eos_ids,
+                batch_size,
                 desc=f"Sampling reference completions for {dataset_name} dataset",
                 seed_offset=accelerator.process_index,
             )
@@ -320,7 +334,9 @@ def generate_completions_cached(
         accelerator.wait_for_everyone()
     completions = Dataset.load_from_disk(os.path.join(folder, "completions"))["completion_ids"]
     if len(completions) != len(dataset):
-        raise RuntimeError(f"The reference-completion cache {folder} holds {len(completions)} rows, expected {len(dataset)}.")
+        raise RuntimeError(
+            f"The reference-completion cache {folder} holds {len(completions)} rows, expected {len(dataset)}."
+        )
     if output_column in dataset.column_names:
         dataset = dataset.remove_columns(output_column)
     return dataset.add_column(output_column, completions), hit

@@ -11,7 +11,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     parts = {
         "backend": backend.to_str() if backend is not None else sorted(tokenizer.get_vocab().items()),
-        "special": [str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")],
+        "special": [
+            str(getattr(tokenizer, name, None)) for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+        ],
         "chat_template": tokenizer.chat_template,
     }
     return Hasher.hash(parts)

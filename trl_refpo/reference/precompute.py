@@ -38,6 +38,7 @@ from .fingerprints import tokenizer_fingerprint
 from .sources import ColumnReference, NoReference, ReferenceLogps, ScoringHandle
 from .text import TextReference
 
+
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 2  # 2: the file stores its key and a checksum
@@ -84,7 +85,8 @@ def precompute_reference_logps(
         if values is not None:
             logger.info(
                 "Loaded the reference log-probs of the %s dataset from the cache %s: no reference forward.",
-                name, cache.file,
+                name,
+                cache.file,
             )
             return _with_columns(dataset, values)
         cache.check_writable()  # before scoring, so that a bad folder costs nothing
@@ -245,8 +247,7 @@ def dataset_fingerprint(dataset: Dataset, columns: list[str]) -> str:
 def _with_columns(dataset: Dataset, values: dict[str, torch.Tensor]) -> Dataset:
     if len(values["ref_chosen_logps"]) != len(dataset):
         raise ValueError(
-            f"The reference log-probs have {len(values['ref_chosen_logps'])} rows but the dataset has "
-            f"{len(dataset)}."
+            f"The reference log-probs have {len(values['ref_chosen_logps'])} rows but the dataset has {len(dataset)}."
         )
     columns = Dataset.from_dict(
         {name: values[name].float().numpy() for name in FLOAT_COLUMNS},

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 
 def refuse_partial_reference(
-    loss_types: list[str], *, precomputed: bool = False, supplied_columns: bool = False, no_model: bool = False,
-    prior: bool = False, other_tokenizer: bool = False,
+    loss_types: list[str],
+    *,
+    precomputed: bool = False,
+    supplied_columns: bool = False,
+    no_model: bool = False,
+    prior: bool = False,
+    other_tokenizer: bool = False,
 ) -> None:
     """Loss types that need the reference's full next-token distribution over the policy's token ids (ε-DPO's
     perturbed policies) cannot use a reference that gives only summed log-probs or scores other tokens."""
@@ -18,8 +23,10 @@ def refuse_partial_reference(
         "position (to score the perturbed policies)"
     )
     if precomputed:
-        raise ValueError(f"{why}, not only summed reference log-probs, so it cannot use precompute_ref_log_probs=True. "
-                         "Set it to False.")
+        raise ValueError(
+            f"{why}, not only summed reference log-probs, so it cannot use precompute_ref_log_probs=True. "
+            "Set it to False."
+        )
     if supplied_columns:
         raise ValueError(
             f"{why}, but the dataset supplies reference log-prob columns (ref_chosen_logps / ref_rejected_logps), "

@@ -42,6 +42,7 @@ from .rules import refuse_partial_reference, refuse_sync_with_other_tokenizer, r
 from .sources import ColumnReference, ModelReference, NoReference, ReferenceSource
 from .text import TextReference
 
+
 logger = logging.getLogger(__name__)
 
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
@@ -60,8 +61,17 @@ class ReferenceSetup:
 
 
 def setup_reference(
-    model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config, *,
-    samples_from_reference: bool = False, full_distribution_for: list[str] | None = None,
+    model,
+    ref_model,
+    ref_tokenizer,
+    processing_class,
+    args,
+    train_dataset,
+    eval_dataset,
+    peft_config,
+    *,
+    samples_from_reference: bool = False,
+    full_distribution_for: list[str] | None = None,
 ) -> ReferenceSetup:
     """The reference source and the reference model TRL's constructor gets.
 
@@ -70,7 +80,14 @@ def setup_reference(
     next-token distribution over the policy's token ids (ε-DPO).
     """
     source_setup = _choose_source(
-        model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config,
+        model,
+        ref_model,
+        ref_tokenizer,
+        processing_class,
+        args,
+        train_dataset,
+        eval_dataset,
+        peft_config,
         samples_from_reference,
     )
     source = source_setup.source
@@ -85,7 +102,14 @@ def setup_reference(
 
 
 def _choose_source(
-    model, ref_model, ref_tokenizer, processing_class, args, train_dataset, eval_dataset, peft_config,
+    model,
+    ref_model,
+    ref_tokenizer,
+    processing_class,
+    args,
+    train_dataset,
+    eval_dataset,
+    peft_config,
     samples_from_reference,
 ) -> ReferenceSetup:
     if not args.needs_reference:
@@ -289,7 +313,9 @@ def _check_supplied_columns(eval_dataset, args, ref_model, ref_tokenizer) -> Non
             f"{conflicting}."
         )
     if args.sync_ref_model:
-        raise ValueError("sync_ref_model=True needs a reference model, but the dataset supplies the reference log-probs.")
+        raise ValueError(
+            "sync_ref_model=True needs a reference model, but the dataset supplies the reference log-probs."
+        )
     for name, dataset in _named(eval_dataset):
         if not _has_supplied_columns(dataset, name):
             raise ValueError(

@@ -78,7 +78,8 @@ class ColumnReference(ReferenceSource):
     def __call__(self, handle, inputs, num_pairs):
         lengths = (inputs.get("ref_chosen_lengths"), inputs.get("ref_rejected_lengths"))
         return ReferenceLogps(
-            inputs["ref_chosen_logps"].float(), inputs["ref_rejected_logps"].float(),
+            inputs["ref_chosen_logps"].float(),
+            inputs["ref_rejected_logps"].float(),
             *(None if value is None else value.float() for value in lengths),
         )
 

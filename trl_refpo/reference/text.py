@@ -34,6 +34,7 @@ from ..data import REF_ID_COLUMNS
 from .fingerprints import tokenizer_fingerprint
 from .sources import ModelReference
 
+
 # The re-tokenisation's own code is part of its map fingerprint: an edited version never reads an old cache.
 _CODE_FINGERPRINT = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
 
@@ -60,7 +61,10 @@ class TextReference(ModelReference):
     input_keys = ("ref_input_ids", "ref_attention_mask", "ref_completion_mask")
 
     def __init__(
-        self, tokenizer, prompt_mode: str = "full", max_prompt_length: int | None = None,
+        self,
+        tokenizer,
+        prompt_mode: str = "full",
+        max_prompt_length: int | None = None,
         max_completion_length: int | None = None,
     ):
         if prompt_mode not in PROMPT_MODES:
@@ -105,13 +109,20 @@ class TextReference(ModelReference):
         }
         map_kwargs = {}
         if isinstance(dataset, Dataset):  # IterableDataset.map has no num_proc / desc
-            map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset for the reference"}
+            map_kwargs = {
+                "num_proc": args.dataset_num_proc,
+                "desc": f"Tokenizing {dataset_name} dataset for the reference",
+            }
             # Fingerprinting the map's arguments would dill-pickle both tokenizers (seconds for a 262k vocabulary).
-            map_kwargs["new_fingerprint"] = Hasher.hash([
-                dataset._fingerprint, _CODE_FINGERPRINT, tokenizer_fingerprint(self.tokenizer),
-                tokenizer_fingerprint(policy_tokenizer),
-                {name: value for name, value in fn_kwargs.items() if not name.endswith("tokenizer")},
-            ])
+            map_kwargs["new_fingerprint"] = Hasher.hash(
+                [
+                    dataset._fingerprint,
+                    _CODE_FINGERPRINT,
+                    tokenizer_fingerprint(self.tokenizer),
+                    tokenizer_fingerprint(policy_tokenizer),
+                    {name: value for name, value in fn_kwargs.items() if not name.endswith("tokenizer")},
+                ]
+            )
         return dataset.map(reference_columns, batched=True, fn_kwargs=fn_kwargs, **map_kwargs)
 
 
@@ -142,7 +153,13 @@ def _strip_suffix(text: str, suffix: str | None) -> str:
 
 
 def reference_columns(
-    batch, tokenizer, policy_tokenizer, prompt_mode, max_length, truncation_mode, max_prompt_length=None,
+    batch,
+    tokenizer,
+    policy_tokenizer,
+    prompt_mode,
+    max_length,
+    truncation_mode,
+    max_prompt_length=None,
     max_completion_length=None,
 ) -> dict:
     """The ``ref_*`` columns of a batch of examples (see the module docstring)."""
@@ -155,8 +172,12 @@ def reference_columns(
         for side in SIDES:
             ids = sequences[side]["ids"]
             policy_window = _policy_window(
-                len(example["prompt_ids"]), len(example[f"{side}_ids"]), max_length, truncation_mode,
-                max_prompt_length, max_completion_length,
+                len(example["prompt_ids"]),
+                len(example[f"{side}_ids"]),
+                max_length,
+                truncation_mode,
+                max_prompt_length,
+                max_completion_length,
             )
             start, end = 0, len(ids)
             if policy_window != (0, len(example["prompt_ids"]) + len(example[f"{side}_ids"])):
@@ -180,7 +201,9 @@ def _reference_sequences(examples, tokenizer, policy_tokenizer, prompt_mode) -> 
         ]
         for side in SIDES
     }
-    prompt_ids = tokenizer(prompts)["input_ids"] if prompt_mode == "full" else [tokenizer("")["input_ids"]] * len(examples)
+    prompt_ids = (
+        tokenizer(prompts)["input_ids"] if prompt_mode == "full" else [tokenizer("")["input_ids"]] * len(examples)
+    )
     full_ids = {side: tokenizer(texts[side])["input_ids"] for side in SIDES}
     output = []
     for index in range(len(examples)):
@@ -234,7 +257,9 @@ def _policy_window(
     return start, end
 
 
-def _offsets(tokenizer, text: str, add_special_tokens: bool, expected_ids: list[int], who: str) -> list[tuple[int, int]]:
+def _offsets(
+    tokenizer, text: str, add_special_tokens: bool, expected_ids: list[int], who: str
+) -> list[tuple[int, int]]:
     """Character spans of ``text``'s tokens; zero-width special tokens sit where the previous token ended."""
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -292,7 +317,9 @@ def _aligned_window(example, side, sequences, tokenizer, policy_tokenizer, polic
 
     # Text both renderings share, in order: message contents (chat) or the raw prompt/completion text.
     prompt_mode_full = sequences["prompt_mode"] == "full"
-    completion_cursor = policy_spans[len(example["prompt_ids"])][0] if len(policy_ids) > len(example["prompt_ids"]) else 0
+    completion_cursor = (
+        policy_spans[len(example["prompt_ids"])][0] if len(policy_ids) > len(example["prompt_ids"]) else 0
+    )
     if conversational:
         messages = (example["prompt"] if prompt_mode_full else []) + example[side]
         pieces = [message["content"] for message in messages]

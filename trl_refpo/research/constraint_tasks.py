@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from datasets import Dataset
 
+
 SYSTEM_PROMPT = "You are a helpful assistant. Follow the instruction exactly."
 
 # topic -> adjectives that describe it (used for short descriptions and sentences)
@@ -67,13 +68,26 @@ CATEGORIES = {
 }
 
 YES_NO_QUESTIONS = [
-    ("Is the sun hot?", "yes"), ("Is ice colder than boiling water?", "yes"), ("Do fish live in water?", "yes"),
-    ("Is two plus two equal to four?", "yes"), ("Can birds fly?", "yes"), ("Is the Earth round?", "yes"),
-    ("Is grass usually green?", "yes"), ("Do cats have four legs?", "yes"), ("Is Paris in France?", "yes"),
-    ("Is water wet?", "yes"), ("Is snow black?", "no"), ("Is the moon made of cheese?", "no"),
-    ("Do dogs have wings?", "no"), ("Is ten smaller than three?", "no"), ("Can a fish walk on land?", "no"),
-    ("Is the sky green?", "no"), ("Is fire cold?", "no"), ("Do trees grow on the moon?", "no"),
-    ("Is a week eight days long?", "no"), ("Is London in Japan?", "no"),
+    ("Is the sun hot?", "yes"),
+    ("Is ice colder than boiling water?", "yes"),
+    ("Do fish live in water?", "yes"),
+    ("Is two plus two equal to four?", "yes"),
+    ("Can birds fly?", "yes"),
+    ("Is the Earth round?", "yes"),
+    ("Is grass usually green?", "yes"),
+    ("Do cats have four legs?", "yes"),
+    ("Is Paris in France?", "yes"),
+    ("Is water wet?", "yes"),
+    ("Is snow black?", "no"),
+    ("Is the moon made of cheese?", "no"),
+    ("Do dogs have wings?", "no"),
+    ("Is ten smaller than three?", "no"),
+    ("Can a fish walk on land?", "no"),
+    ("Is the sky green?", "no"),
+    ("Is fire cold?", "no"),
+    ("Do trees grow on the moon?", "no"),
+    ("Is a week eight days long?", "no"),
+    ("Is London in Japan?", "no"),
 ]
 
 END_WORDS = ["Done", "Finished", "Goodbye", "Amen"]
@@ -185,8 +199,11 @@ def _max_words(rng: random.Random, topics: list[str]) -> ConstraintTask:
     sentence = f"{topic} {_is(topic)} {adjectives[0]}, {adjectives[1]} and very {adjectives[2]}"
     rejected = one_too_many if rng.random() < 0.5 else sentence
     return ConstraintTask(
-        "max_words", f"Describe {topic} in at most {limit} words.", _capitalise(chosen) + ".",
-        _capitalise(rejected) + ".", {"limit": limit},
+        "max_words",
+        f"Describe {topic} in at most {limit} words.",
+        _capitalise(chosen) + ".",
+        _capitalise(rejected) + ".",
+        {"limit": limit},
     )
 
 
@@ -195,9 +212,7 @@ def _lowercase(rng: random.Random, topics: list[str]) -> ConstraintTask:
     first, second = rng.sample(TOPICS[topic], 2)
     sentence = f"{topic} {_is(topic)} {first} and {second}."
     wording = rng.choice(["using only lowercase letters", "in lowercase letters only"])
-    return ConstraintTask(
-        "lowercase", f"Write one sentence about {topic} {wording}.", sentence, _capitalise(sentence)
-    )
+    return ConstraintTask("lowercase", f"Write one sentence about {topic} {wording}.", sentence, _capitalise(sentence))
 
 
 def _comma_list(rng: random.Random, categories: list[str]) -> ConstraintTask:
@@ -213,7 +228,10 @@ def _comma_list(rng: random.Random, categories: list[str]) -> ConstraintTask:
     )
     number = {3: "three", 4: "four"}[count]
     return ConstraintTask(
-        "comma_list", f"Name {number} {category}, separated by commas, and nothing else.", chosen, rejected,
+        "comma_list",
+        f"Name {number} {category}, separated by commas, and nothing else.",
+        chosen,
+        rejected,
         {"count": count},
     )
 
@@ -223,8 +241,11 @@ def _end_word(rng: random.Random, topics: list[str]) -> ConstraintTask:
     first, second = rng.sample(TOPICS[topic], 2)
     sentence = f"{_capitalise(topic)} {_is(topic)} {first} and {second}."
     return ConstraintTask(
-        "end_word", f"Write a short sentence about {topic}. End your reply with the word '{word}'.",
-        f"{sentence} {word}.", sentence, {"word": word},
+        "end_word",
+        f"Write a short sentence about {topic}. End your reply with the word '{word}'.",
+        f"{sentence} {word}.",
+        sentence,
+        {"word": word},
     )
 
 

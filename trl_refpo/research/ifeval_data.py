@@ -42,6 +42,7 @@ from ..testing import tiny_llama, tiny_tokenizer
 from .ifeval_judge import build_checker, conflicts, judge, verifier_version
 from .offline_models import OfflineModelUnavailable, resolve_model_path
 
+
 DATA_DIR = Path(__file__).parent / "data"
 
 # kwargs samplers: short replies (≤ ~60 tokens can pass every one of them)
@@ -61,16 +62,22 @@ def _kwargs_samplers() -> dict:
         "detectable_format:number_bullet_lists": lambda rng: {"num_bullets": rng.choice([2, 3])},
         "detectable_format:number_highlighted_sections": lambda rng: {"num_highlights": rng.choice([1, 2])},
         "detectable_format:multiple_sections": lambda rng: {
-            "section_spliter": rng.choice(["Section", "SECTION"]), "num_sections": 2},
+            "section_spliter": rng.choice(["Section", "SECTION"]),
+            "num_sections": 2,
+        },
         "detectable_content:postscript": lambda rng: {"postscript_marker": rng.choice(["P.S.", "P.P.S"])},
         "detectable_content:number_placeholders": lambda rng: {"num_placeholders": rng.choice([1, 2])},
         "startend:end_checker": lambda rng: {
-            "end_phrase": rng.choice(["Any other questions?", "Is there anything else I can help with?"])},
+            "end_phrase": rng.choice(["Any other questions?", "Is there anything else I can help with?"])
+        },
         "keywords:existence": lambda rng: {"keywords": rng.sample(KEYWORDS, 2)},
         "keywords:frequency": lambda rng: {"keyword": rng.choice(KEYWORDS), "frequency": 2, "relation": "at least"},
         "keywords:forbidden_words": lambda rng: {"forbidden_words": rng.sample(FORBIDDEN, 2)},
         "keywords:letter_frequency": lambda rng: {
-            "letter": rng.choice(LETTERS), "let_frequency": rng.choice([3, 5]), "let_relation": "at least"},
+            "letter": rng.choice(LETTERS),
+            "let_frequency": rng.choice([3, 5]),
+            "let_relation": "at least",
+        },
         "length_constraints:number_words": lambda rng: {"num_words": rng.choice([30, 50]), "relation": "less than"},
         "length_constraints:number_paragraphs": lambda rng: {"num_paragraphs": 2},
     }
@@ -100,16 +107,88 @@ TEMPLATES = [
     "Describe {topic} to a child.",
 ]
 TRAIN_TOPICS = [
-    "bread", "rivers", "bicycles", "tea", "winter", "owls", "gardens", "trains", "candles", "maps", "honey",
-    "forests", "kites", "lighthouses", "soup", "rain", "violins", "bridges", "cats", "libraries", "apples",
-    "clocks", "islands", "shoes", "snow", "bees", "castles", "coffee", "deserts", "pencils", "boats", "cheese",
-    "mountains", "umbrellas", "frogs", "markets", "stars", "rice", "lamps", "parks",
+    "bread",
+    "rivers",
+    "bicycles",
+    "tea",
+    "winter",
+    "owls",
+    "gardens",
+    "trains",
+    "candles",
+    "maps",
+    "honey",
+    "forests",
+    "kites",
+    "lighthouses",
+    "soup",
+    "rain",
+    "violins",
+    "bridges",
+    "cats",
+    "libraries",
+    "apples",
+    "clocks",
+    "islands",
+    "shoes",
+    "snow",
+    "bees",
+    "castles",
+    "coffee",
+    "deserts",
+    "pencils",
+    "boats",
+    "cheese",
+    "mountains",
+    "umbrellas",
+    "frogs",
+    "markets",
+    "stars",
+    "rice",
+    "lamps",
+    "parks",
 ]
 HELDOUT_TOPICS = [
-    "dogs", "oceans", "guitars", "pizza", "summer", "eagles", "museums", "buses", "mirrors", "books", "oranges",
-    "volcanoes", "balloons", "windmills", "salad", "wind", "pianos", "tunnels", "horses", "schools", "bananas",
-    "calendars", "beaches", "hats", "ice", "ants", "towers", "juice", "caves", "crayons", "planes", "butter",
-    "lakes", "scarves", "turtles", "bakeries", "planets", "noodles", "chairs", "zoos",
+    "dogs",
+    "oceans",
+    "guitars",
+    "pizza",
+    "summer",
+    "eagles",
+    "museums",
+    "buses",
+    "mirrors",
+    "books",
+    "oranges",
+    "volcanoes",
+    "balloons",
+    "windmills",
+    "salad",
+    "wind",
+    "pianos",
+    "tunnels",
+    "horses",
+    "schools",
+    "bananas",
+    "calendars",
+    "beaches",
+    "hats",
+    "ice",
+    "ants",
+    "towers",
+    "juice",
+    "caves",
+    "crayons",
+    "planes",
+    "butter",
+    "lakes",
+    "scarves",
+    "turtles",
+    "bakeries",
+    "planets",
+    "noodles",
+    "chairs",
+    "zoos",
 ]
 
 SAMPLER = dict(num_samples=4, temperature=0.9, top_p=0.95, max_new_tokens=48)
@@ -148,8 +227,15 @@ def make_prompts(split: str, num_prompts: int, seed: int = 0, second_share: floa
         if rng.random() < second_share and (second := _second_id(rng, first)) is not None:
             ids.append(second)
         kwargs_list, text = _instructions_text(rng, ids)
-        rows.append({"key": f"{split}-{index:04d}", "prompt": f"{base_task} {text}", "base_task": base_task,
-                     "instruction_id_list": ids, "kwargs": kwargs_list})
+        rows.append(
+            {
+                "key": f"{split}-{index:04d}",
+                "prompt": f"{base_task} {text}",
+                "base_task": base_task,
+                "instruction_id_list": ids,
+                "kwargs": kwargs_list,
+            }
+        )
     return rows
 
 
@@ -165,9 +251,21 @@ class Reply(NamedTuple):
 
 
 @torch.no_grad()
-def generate_replies(model, tokenizer, prompts: list[str], *, num_samples: int = 1, do_sample: bool = False,
-                     temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 64, batch_size: int = 16,
-                     seed: int = 0, progress: bool = True, desc: str = "Generating"):
+def generate_replies(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int = 1,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "Generating",
+):
     """``num_samples`` replies per prompt (left-padded batches of ``batch_size`` prompts): a list of
     :class:`Reply` per prompt. Sampling reseeds torch
     with ``seed + batch index`` before each batch, so a batch's samples do not depend on the batches before it."""
@@ -175,20 +273,28 @@ def generate_replies(model, tokenizer, prompts: list[str], *, num_samples: int =
 
     eos_ids = eos_token_ids(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    texts = [tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
-             for prompt in prompts]
+    texts = [
+        tokenizer.apply_chat_template(chat_messages(prompt), tokenize=False, add_generation_prompt=True)
+        for prompt in prompts
+    ]
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
     replies = []
     try:
         starts = range(0, len(texts), batch_size)
         for batch_index, start in enumerate(tqdm(starts, desc=desc, unit="batch", disable=not progress)):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False).to(model.device)
+            batch = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(model.device)
             torch.manual_seed(seed + batch_index)
             output = model.generate(
-                **batch, max_new_tokens=max_new_tokens, num_return_sequences=num_samples, eos_token_id=eos_ids,
-                pad_token_id=pad_id, use_cache=True, **sampling,
+                **batch,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                eos_token_id=eos_ids,
+                pad_token_id=pad_id,
+                use_cache=True,
+                **sampling,
             )
             new_tokens = output[:, batch["input_ids"].size(1) :].tolist()
             for prompt_index in range(len(new_tokens) // num_samples):
@@ -215,13 +321,33 @@ def pick_pair(samples: list[Reply], verdicts: list[bool]):
     return chosen, rejected
 
 
-def build_pairs(model, tokenizer, rows: list[dict], *, num_samples: int, temperature: float, top_p: float,
-                max_new_tokens: int, batch_size: int = 8, seed: int = 0, progress: bool = True):
+def build_pairs(
+    model,
+    tokenizer,
+    rows: list[dict],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+):
     """On-policy pairs for ``rows`` (see the module docstring) and the statistics the card reports."""
     samples = generate_replies(
-        model, tokenizer, [row["prompt"] for row in rows], num_samples=num_samples, do_sample=True,
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-        progress=progress, desc="Sampling",
+        model,
+        tokenizer,
+        [row["prompt"] for row in rows],
+        num_samples=num_samples,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        progress=progress,
+        desc="Sampling",
     )
     pairs, passed, judged, samples_passing = [], Counter(), Counter(), 0
     dropped = {"no_passing_sample": 0, "no_failing_sample": 0}
@@ -239,13 +365,21 @@ def build_pairs(model, tokenizer, rows: list[dict], *, num_samples: int, tempera
             dropped["no_passing_sample" if not any(verdicts) else "no_failing_sample"] += 1
             continue
         chosen, rejected = picked
-        pairs.append({**row, "chosen": row_samples[chosen].text, "rejected": row_samples[rejected].text,
-                      "chosen_tokens": row_samples[chosen].num_tokens,
-                      "rejected_tokens": row_samples[rejected].num_tokens,
-                      "sample_pass_rate": sum(verdicts) / len(verdicts)})
+        pairs.append(
+            {
+                **row,
+                "chosen": row_samples[chosen].text,
+                "rejected": row_samples[rejected].text,
+                "chosen_tokens": row_samples[chosen].num_tokens,
+                "rejected_tokens": row_samples[rejected].num_tokens,
+                "sample_pass_rate": sum(verdicts) / len(verdicts),
+            }
+        )
     all_verdicts = sum(judged.values())
     stats = {
-        "prompts": len(rows), "pairs": len(pairs), "dropped": dropped,
+        "prompts": len(rows),
+        "pairs": len(pairs),
+        "dropped": dropped,
         "sample_pass_rate_per_instruction": {k: passed[k] / judged[k] for k in sorted(judged)},
         "sample_instruction_pass_rate": sum(passed.values()) / max(1, all_verdicts),
         "sample_prompt_pass_rate": samples_passing / max(1, len(rows) * num_samples),
@@ -257,12 +391,19 @@ def preference_dataset(rows):
     """Conversational ``prompt`` / ``chosen`` / ``rejected`` for the trainer, IFEval's fields kept alongside."""
     from datasets import Dataset
 
-    return Dataset.from_list([
-        {"prompt": chat_messages(row["prompt"]), "chosen": [{"role": "assistant", "content": row["chosen"]}],
-         "rejected": [{"role": "assistant", "content": row["rejected"]}], "key": row["key"],
-         "instruction_id_list": row["instruction_id_list"], "kwargs_json": json.dumps(row["kwargs"])}
-        for row in rows
-    ])
+    return Dataset.from_list(
+        [
+            {
+                "prompt": chat_messages(row["prompt"]),
+                "chosen": [{"role": "assistant", "content": row["chosen"]}],
+                "rejected": [{"role": "assistant", "content": row["rejected"]}],
+                "key": row["key"],
+                "instruction_id_list": row["instruction_id_list"],
+                "kwargs_json": json.dumps(row["kwargs"]),
+            }
+            for row in rows
+        ]
+    )
 
 
 def fingerprint(path: Path) -> str:
@@ -322,9 +463,21 @@ HELDOUT_PAIR_SEED_OFFSET = 1000
 PARTS = ("train", "heldout_pairs")
 
 
-def build(model, tokenizer, output_dir, *, model_name: str, num_train_prompts: int, num_heldout_prompts: int,
-          num_heldout_pair_prompts: int, seed: int = 0, batch_size: int = 8, progress: bool = True,
-          parts=PARTS, **sampler) -> dict:
+def build(
+    model,
+    tokenizer,
+    output_dir,
+    *,
+    model_name: str,
+    num_train_prompts: int,
+    num_heldout_prompts: int,
+    num_heldout_pair_prompts: int,
+    seed: int = 0,
+    batch_size: int = 8,
+    progress: bool = True,
+    parts=PARTS,
+    **sampler,
+) -> dict:
     """Write ``ifeval_train.jsonl`` (pairs), ``ifeval_heldout.jsonl`` (prompts), ``ifeval_heldout_pairs.jsonl``
     (pairs sampled on the first ``num_heldout_pair_prompts`` held-out prompts), ``ifeval_build.json`` and
     ``ifeval_card.md``. ``parts`` builds only some of the pair files (e.g. two processes in parallel, one part
@@ -341,12 +494,22 @@ def build(model, tokenizer, output_dir, *, model_name: str, num_train_prompts: i
     unknown = set(parts) - set(PARTS)
     if unknown:
         raise ValueError(f"parts: unknown {sorted(unknown)}; choose from {PARTS}.")
-    config = {"model": model_name, "seed": seed, "batch_size": batch_size, "device": str(model.device),
-              "torch": torch.__version__, "verifier": verifier_version(),
-              "num_train_prompts": num_train_prompts, "num_heldout_prompts": num_heldout_prompts,
-              "num_heldout_pair_prompts": num_heldout_pair_prompts, **sampler}
-    part_rows = {"train": (make_prompts("train", num_train_prompts, seed), seed),
-                 "heldout_pairs": (heldout[:num_heldout_pair_prompts], seed + HELDOUT_PAIR_SEED_OFFSET)}
+    config = {
+        "model": model_name,
+        "seed": seed,
+        "batch_size": batch_size,
+        "device": str(model.device),
+        "torch": torch.__version__,
+        "verifier": verifier_version(),
+        "num_train_prompts": num_train_prompts,
+        "num_heldout_prompts": num_heldout_prompts,
+        "num_heldout_pair_prompts": num_heldout_pair_prompts,
+        **sampler,
+    }
+    part_rows = {
+        "train": (make_prompts("train", num_train_prompts, seed), seed),
+        "heldout_pairs": (heldout[:num_heldout_pair_prompts], seed + HELDOUT_PAIR_SEED_OFFSET),
+    }
     was_training = model.training
     model.eval()
     built = {}
@@ -354,8 +517,9 @@ def build(model, tokenizer, output_dir, *, model_name: str, num_train_prompts: i
         for part in parts:
             rows, part_seed = part_rows[part]
             start = time.time()
-            pairs, stats = build_pairs(model, tokenizer, rows, batch_size=batch_size, seed=part_seed,
-                                       progress=progress, **sampler)
+            pairs, stats = build_pairs(
+                model, tokenizer, rows, batch_size=batch_size, seed=part_seed, progress=progress, **sampler
+            )
             stats["seconds"] = time.time() - start
             stats["pairs_per_instruction"] = dict(Counter(i for row in pairs for i in row["instruction_id_list"]))
             write_jsonl(pairs, output_dir / f"ifeval_{part}.jsonl")
@@ -368,12 +532,16 @@ def build(model, tokenizer, output_dir, *, model_name: str, num_train_prompts: i
         fcntl.flock(lock, fcntl.LOCK_EX)
         report = json.loads(report_path.read_text()) if report_path.exists() and set(parts) != set(PARTS) else {}
         if report and report["config"] != config:
-            raise ValueError(f"{report_path} was built with other settings ({report['config']}); build every part "
-                             f"with the same settings, or remove it.")
+            raise ValueError(
+                f"{report_path} was built with other settings ({report['config']}); build every part "
+                f"with the same settings, or remove it."
+            )
         report.update(built, config=config)
         if all(part in report for part in PARTS):
-            report["files"] = {name: fingerprint(output_dir / name) for name in
-                               ("ifeval_train.jsonl", "ifeval_heldout.jsonl", "ifeval_heldout_pairs.jsonl")}
+            report["files"] = {
+                name: fingerprint(output_dir / name)
+                for name in ("ifeval_train.jsonl", "ifeval_heldout.jsonl", "ifeval_heldout_pairs.jsonl")
+            }
             write_card(output_dir / "ifeval_card.md", report, heldout)
         report_path.write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     (output_dir / ".ifeval_build.lock").unlink(missing_ok=True)
@@ -394,8 +562,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--max_new_tokens", type=int, default=SAMPLER["max_new_tokens"])
     parser.add_argument("--batch_size", type=int, default=12, help="prompts per generate call (× num_samples rows)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is often faster when shared)")
-    parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS,
-                        help="pair files to build (run one part per process to use several cores)")
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        default=list(PARTS),
+        choices=PARTS,
+        help="pair files to build (run one part per process to use several cores)",
+    )
     cli = parser.parse_args(argv)
     if cli.threads:
         torch.set_num_threads(cli.threads)
@@ -403,11 +576,22 @@ def main(argv=None) -> dict:
     if torch.cuda.is_available():
         model.to("cuda")
     start = time.time()
-    report = build(model, tokenizer, cli.output_dir, model_name=cli.model, num_train_prompts=cli.num_train_prompts,
-                   num_heldout_prompts=cli.num_heldout_prompts, num_heldout_pair_prompts=cli.num_heldout_pair_prompts,
-                   seed=cli.seed, batch_size=cli.batch_size, num_samples=cli.num_samples,
-                   temperature=cli.temperature, top_p=cli.top_p, max_new_tokens=cli.max_new_tokens,
-                   parts=cli.parts)
+    report = build(
+        model,
+        tokenizer,
+        cli.output_dir,
+        model_name=cli.model,
+        num_train_prompts=cli.num_train_prompts,
+        num_heldout_prompts=cli.num_heldout_prompts,
+        num_heldout_pair_prompts=cli.num_heldout_pair_prompts,
+        seed=cli.seed,
+        batch_size=cli.batch_size,
+        num_samples=cli.num_samples,
+        temperature=cli.temperature,
+        top_p=cli.top_p,
+        max_new_tokens=cli.max_new_tokens,
+        parts=cli.parts,
+    )
     card = Path(cli.output_dir, "ifeval_card.md")
     print(card.read_text() if all(part in report for part in PARTS) else f"built {cli.parts}; card after all parts")
     print(f"built in {time.time() - start:.0f} s")

@@ -35,10 +35,21 @@ import torch
 from .ifeval_data import DATA_DIR, chat_messages, generate_replies
 from .ifeval_judge import judge, validate_rows
 
-METRICS = ("prompt_strict", "prompt_loose", "instruction_strict", "instruction_loose", "pair_accuracy", "drift",
-           "reply_tokens")
-SPLIT_FILES = {"train": "ifeval_train.jsonl", "heldout": "ifeval_heldout.jsonl",
-               "heldout_pairs": "ifeval_heldout_pairs.jsonl"}
+
+METRICS = (
+    "prompt_strict",
+    "prompt_loose",
+    "instruction_strict",
+    "instruction_loose",
+    "pair_accuracy",
+    "drift",
+    "reply_tokens",
+)
+SPLIT_FILES = {
+    "train": "ifeval_train.jsonl",
+    "heldout": "ifeval_heldout.jsonl",
+    "heldout_pairs": "ifeval_heldout_pairs.jsonl",
+}
 
 
 @dataclass
@@ -116,8 +127,11 @@ def generation_state(model):
     use_cache = getattr(model.config, "use_cache", None)
     generation_use_cache = getattr(getattr(model, "generation_config", None), "use_cache", None)
     checkpointing = bool(model.is_activation_checkpointing)
-    checkpoint_funcs = {name: module._gradient_checkpointing_func for name, module in model.named_modules()
-                        if getattr(module, "gradient_checkpointing", False)}
+    checkpoint_funcs = {
+        name: module._gradient_checkpointing_func
+        for name, module in model.named_modules()
+        if getattr(module, "gradient_checkpointing", False)
+    }
     model.eval()
     model.config.use_cache = True
     if generation_use_cache is not None:
@@ -176,37 +190,61 @@ def _rows(prompts) -> list[dict]:
         row.setdefault("key", index)
         missing = [name for name in ("prompt", "instruction_id_list", "kwargs") if name not in row]
         if missing:
-            raise ValueError(f"row {row['key']!r}: missing column(s) {missing}; IFEval rows need prompt, "
-                             f"instruction_id_list and kwargs.")
+            raise ValueError(
+                f"row {row['key']!r}: missing column(s) {missing}; IFEval rows need prompt, "
+                f"instruction_id_list and kwargs."
+            )
     return rows
 
 
-def evaluate_policy(model, tokenizer, prompts, *, ref_model=None, pairs=None, batch_size=16, max_new_tokens=48,
-                    seed=0, num_resamples=1000, progress=True) -> IFEvalReport:
+def evaluate_policy(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    ref_model=None,
+    pairs=None,
+    batch_size=16,
+    max_new_tokens=48,
+    seed=0,
+    num_resamples=1000,
+    progress=True,
+) -> IFEvalReport:
     """IFEval numbers of ``model``'s greedy replies to ``prompts`` (IFEval rows: a Dataset or dicts); see the module
     docstring for every metric and interval."""
     rows = _rows(prompts)
     validate_rows(rows)  # a bad row stops here, before any generation
     pair_rows = None if pairs is None else [dict(pair) for pair in pairs]
     with generation_state(model):
-        generated = [samples[0] for samples in generate_replies(
-            model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=max_new_tokens,
-            batch_size=batch_size, seed=seed, progress=progress, desc="Generating (greedy)")]
+        generated = [
+            samples[0]
+            for samples in generate_replies(
+                model,
+                tokenizer,
+                [row["prompt"] for row in rows],
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+                desc="Generating (greedy)",
+            )
+        ]
         drifts = [None] * len(rows)
         if ref_model is not None:
             texts, ids = [r["prompt"] for r in rows], [reply.token_ids for reply in generated]
             policy_logps = token_logps(model, tokenizer, texts, ids, batch_size)
             with generation_state(ref_model):
                 ref_logps = token_logps(ref_model, tokenizer, texts, ids, batch_size)
-            drifts = [float((p - r).mean()) if len(p) else None
-                      for p, r in zip(policy_logps, ref_logps, strict=True)]
+            drifts = [float((p - r).mean()) if len(p) else None for p, r in zip(policy_logps, ref_logps, strict=True)]
         pair_correct = None
         if pair_rows:
             prompts_ = [pair["prompt"] for pair in pair_rows]
-            chosen = token_logps(model, tokenizer, prompts_,
-                                 [completion_ids(tokenizer, p["chosen"]) for p in pair_rows], batch_size)
-            rejected = token_logps(model, tokenizer, prompts_,
-                                   [completion_ids(tokenizer, p["rejected"]) for p in pair_rows], batch_size)
+            chosen = token_logps(
+                model, tokenizer, prompts_, [completion_ids(tokenizer, p["chosen"]) for p in pair_rows], batch_size
+            )
+            rejected = token_logps(
+                model, tokenizer, prompts_, [completion_ids(tokenizer, p["rejected"]) for p in pair_rows], batch_size
+            )
             pair_correct = [bool(c.sum() > r.sum()) for c, r in zip(chosen, rejected, strict=True)]
     correct_by_key = {} if not pair_rows else {p.get("key"): ok for p, ok in zip(pair_rows, pair_correct)}
 
@@ -218,9 +256,18 @@ def evaluate_policy(model, tokenizer, prompts, *, ref_model=None, pairs=None, ba
         loose_lists.append(loose)
         for instruction_id, ok in zip(row["instruction_id_list"], strict):
             per_instruction_hits.setdefault(instruction_id, []).append(ok)
-        per_prompt.append({"key": row["key"], "instruction_id_list": list(row["instruction_id_list"]),
-                           "strict": strict, "loose": loose, "reply_tokens": num_tokens, "drift": drift,
-                           "pair_correct": correct_by_key.get(row["key"]), "reply": text})
+        per_prompt.append(
+            {
+                "key": row["key"],
+                "instruction_id_list": list(row["instruction_id_list"]),
+                "strict": strict,
+                "loose": loose,
+                "reply_tokens": num_tokens,
+                "drift": drift,
+                "pair_correct": correct_by_key.get(row["key"]),
+                "reply": text,
+            }
+        )
 
     values = {
         "prompt_strict": [float(all(s)) for s in strict_lists],

@@ -25,6 +25,7 @@ import langdetect
 from if_verifiable.common import get_loose_transformations
 from if_verifiable.ifeval.instructions_registry import INSTRUCTION_CONFLICTS, INSTRUCTION_DICT
 
+
 langdetect.DetectorFactory.seed = 0
 
 VERIFIER = "if-verifiable"

@@ -36,6 +36,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+
 SMOLLM2_135M_INSTRUCT = "smollm2-135m-instruct"
 GEMMA3_270M = "gemma3-270m"
 

@@ -19,6 +19,7 @@ from transformers import TrainerCallback
 
 from ..data import RefPODataCollator
 
+
 @dataclass
 class TokenAnalysis:
     """Result of :func:`token_level_analysis`."""
@@ -79,10 +80,14 @@ def token_level_analysis(
     where it occurs in completions, and its chosen-minus-rejected difference (and the same for the reference).
     """
     if {"image", "images"} & set(dataset.column_names):
-        raise ValueError("token_level_analysis scores text only: it does not support vision datasets (image / images).")
+        raise ValueError(
+            "token_level_analysis scores text only: it does not support vision datasets (image / images)."
+        )
     if not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
         if processing_class is None:
-            raise ValueError("The dataset is not tokenised (no prompt_ids/chosen_ids/rejected_ids): pass processing_class.")
+            raise ValueError(
+                "The dataset is not tokenised (no prompt_ids/chosen_ids/rejected_ids): pass processing_class."
+            )
         dataset = tokenize_preference_dataset(dataset, processing_class)
     if max_examples is not None:
         dataset = dataset.select(range(min(max_examples, len(dataset))))
@@ -112,7 +117,9 @@ def token_level_analysis(
             mask = batch["completion_mask"][:, 1:].bool().to(device)
             tokens = input_ids[:, 1:][mask].cpu()
             policy_sel, reference_sel = policy[mask].double().cpu(), reference[mask].double().cpu()
-            for row, values in enumerate((torch.ones_like(policy_sel), policy_sel - reference_sel, policy_sel, reference_sel)):
+            for row, values in enumerate(
+                (torch.ones_like(policy_sel), policy_sel - reference_sel, policy_sel, reference_sel)
+            ):
                 totals[row] += torch.bincount(tokens, weights=values, minlength=vocab_size)[:vocab_size]
             num_pairs = len(rows)
             is_chosen = torch.zeros_like(mask)
@@ -126,20 +133,23 @@ def token_level_analysis(
     finally:
         model.train(was_training)
 
-
     occurring = totals[0] > 0
     ids = occurring.nonzero().flatten()
     counts = totals[0, ids]
-    table = pandas.DataFrame(
-        {
-            "token_id": ids.numpy(),
-            "token": _token_strings(tokenizer, ids.tolist()),
-            "count": counts.long().numpy(),
-            "mean_logp_diff": (totals[1, ids] / counts).numpy(),
-            "mean_policy_logp": (totals[2, ids] / counts).numpy(),
-            "mean_ref_logp": (totals[3, ids] / counts).numpy(),
-        }
-    ).sort_values("mean_logp_diff", kind="stable").reset_index(drop=True)
+    table = (
+        pandas.DataFrame(
+            {
+                "token_id": ids.numpy(),
+                "token": _token_strings(tokenizer, ids.tolist()),
+                "count": counts.long().numpy(),
+                "mean_logp_diff": (totals[1, ids] / counts).numpy(),
+                "mean_policy_logp": (totals[2, ids] / counts).numpy(),
+                "mean_ref_logp": (totals[3, ids] / counts).numpy(),
+            }
+        )
+        .sort_values("mean_logp_diff", kind="stable")
+        .reset_index(drop=True)
+    )
     top = table[table["count"] >= min_count].head(top_k).reset_index(drop=True)
     eos = _eos_statistics(eos_sums, eos_token_id, tokenizer)
     result = TokenAnalysis(table, top, eos, num_examples=len(dataset))
@@ -154,7 +164,9 @@ def _reference_logps(model, ref_model, input_ids, attention_mask) -> Tensor:
     if hasattr(model, "disable_adapter"):  # PEFT: the reference is the base model
         with model.disable_adapter():
             return token_logps(model, input_ids, attention_mask)
-    raise ValueError("ref_model is required (it may be None only for a PEFT policy, whose base model is the reference).")
+    raise ValueError(
+        "ref_model is required (it may be None only for a PEFT policy, whose base model is the reference)."
+    )
 
 
 def _token_strings(tokenizer, ids: list[int]) -> list[str]:
@@ -187,7 +199,9 @@ def _eos_statistics(eos_sums: Tensor, eos_token_id, tokenizer) -> dict[str, floa
     return stats
 
 
-def save_token_analysis_figure(result: TokenAnalysis, path: str, min_count: int = 100, title: str | None = None) -> str:
+def save_token_analysis_figure(
+    result: TokenAnalysis, path: str, min_count: int = 100, title: str | None = None
+) -> str:
     """Histogram of the per-token mean log-prob differences and a bar chart of the most down-weighted tokens."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -269,8 +283,9 @@ class TokenLevelAnalysisCallback(TrainerCallback):
         if model is not None and state.global_step == 0:
             self._snapshot_initial_policy(model)
 
-    def on_evaluate(self, args, state, control, model=None, processing_class=None, eval_dataloader=None, metrics=None,
-                    **kwargs):
+    def on_evaluate(
+        self, args, state, control, model=None, processing_class=None, eval_dataloader=None, metrics=None, **kwargs
+    ):
         if self.ref_model is None and not hasattr(model, "disable_adapter"):
             if state.global_step > 0:
                 raise ValueError(
@@ -284,8 +299,14 @@ class TokenLevelAnalysisCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, self.output_subdir)
         is_main = state.is_world_process_zero
         result = token_level_analysis(
-            model, self.ref_model, dataset, self.processing_class or processing_class,
-            min_count=self.min_count, top_k=self.top_k, batch_size=self.batch_size, max_examples=self.max_examples,
+            model,
+            self.ref_model,
+            dataset,
+            self.processing_class or processing_class,
+            min_count=self.min_count,
+            top_k=self.top_k,
+            batch_size=self.batch_size,
+            max_examples=self.max_examples,
             max_length=getattr(args, "max_length", None),
             figure_path=os.path.join(folder, f"step-{state.global_step}.png") if is_main else None,
             title=f"step {state.global_step}",
@@ -300,5 +321,7 @@ class TokenLevelAnalysisCallback(TrainerCallback):
             metrics[f"{prefix}_token/eos_chosen_minus_rejected"] = eos["policy_chosen_minus_rejected"]
             metrics[f"{prefix}_token/eos_logp_diff"] = eos["mean_logp_diff"]
             if len(result.top_downweighted):
-                metrics[f"{prefix}_token/min_mean_logp_diff"] = float(result.top_downweighted["mean_logp_diff"].iloc[0])
+                metrics[f"{prefix}_token/min_mean_logp_diff"] = float(
+                    result.top_downweighted["mean_logp_diff"].iloc[0]
+                )
         return control

@@ -26,6 +26,7 @@ from torch import Tensor
 from ..objectives import losses
 from ..objectives.trl_losses import ipo as trl_ipo_loss
 
+
 BANDIT_METHODS = ("dpo", "ipo", "typo")
 PAIR_TYPES = torch.tensor([[0, 1], [1, 2], [0, 2]])  # {a,b}, {b,c}, {a,c}
 
@@ -74,8 +75,11 @@ def bandit_pair_losses(
     if method == "ipo":
         ones = torch.ones_like(chosen_logps)
         return trl_ipo_loss(
-            chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps, lam,
-            chosen_lengths=ones, rejected_lengths=ones,
+            chosen_logps - ref_chosen_logps,
+            rejected_logps - ref_rejected_logps,
+            lam,
+            chosen_lengths=ones,
+            rejected_lengths=ones,
         )
     if method == "typo":
         return losses.typo_loss(chosen_logps, rejected_logps, ref_sample_logps, lam)
@@ -168,8 +172,12 @@ def train_bandit(
                 flat_logps = theta.log_softmax(-1).flatten(1)  # (runs_m, prompts·responses)
                 pick = lambda name: flat_logps.gather(1, chunk[name][offset, runs])  # noqa: B023, E731
                 per_pair = bandit_pair_losses(
-                    method, lam, pick("chosen"), pick("rejected"),
-                    chunk["ref_chosen_logps"][offset, runs], chunk["ref_rejected_logps"][offset, runs],
+                    method,
+                    lam,
+                    pick("chosen"),
+                    pick("rejected"),
+                    chunk["ref_chosen_logps"][offset, runs],
+                    chunk["ref_rejected_logps"][offset, runs],
                     pick("ref_sample"),
                 )
                 total = total + per_pair.mean(dim=1).sum()
@@ -272,7 +280,9 @@ def interpolation_test(lam: float = 1e-5, seed: int = 0, steps: int = 6000, **kw
 SWEEP_LAMBDAS = (1e-5, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0)
 
 
-def lambda_sweep(lambdas=SWEEP_LAMBDAS, seed: int = 0, steps: int = 6000, init: str = "uniform", **kwargs) -> BanditResult:
+def lambda_sweep(
+    lambdas=SWEEP_LAMBDAS, seed: int = 0, steps: int = 6000, init: str = "uniform", **kwargs
+) -> BanditResult:
     """TYPO paper App. A.2 / Fig. 5–6: every method for every λ; large λ → π_ref for all methods.
 
     Starts from the uniform policy (not π_ref) so that ending at π_ref is something the loss does,
@@ -344,8 +354,10 @@ class MLPPolicy(torch.nn.Module):
     def __init__(self, hidden: int = 64):
         super().__init__()
         self.net = torch.nn.Sequential(
-            torch.nn.Linear(NUM_PROMPTS, hidden), torch.nn.ReLU(),
-            torch.nn.Linear(hidden, hidden), torch.nn.ReLU(),
+            torch.nn.Linear(NUM_PROMPTS, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
             torch.nn.Linear(hidden, NUM_RESPONSES),
         )
 
@@ -354,7 +366,7 @@ class MLPPolicy(torch.nn.Module):
 
 
 def sft_initialise(policy: MLPPolicy, target: Tensor, steps: int = 1500, lr: float = 1e-2) -> float:
-    """"Pretraining and SFT": fit the policy to the target distribution (cross-entropy to soft labels).
+    """ "Pretraining and SFT": fit the policy to the target distribution (cross-entropy to soft labels).
 
     Returns the largest absolute probability error afterwards.
     """
@@ -451,10 +463,14 @@ def three_d_properties_toy(
             grad_chosen, grad_rejected = torch.autograd.grad(loss, (chosen_logps, rejected_logps), retain_graph=True)
             # Per-pair gradients of the pair's own loss (the mean over the batch divides by B).
             grad_chosen, grad_rejected = grad_chosen * NUM_PROMPTS, grad_rejected * NUM_PROMPTS
-            sums += torch.stack([
-                grad_chosen.abs().mean(), grad_rejected.abs().mean(),
-                (grad_chosen / chosen_logps.exp()).abs().mean(), (grad_rejected / rejected_logps.exp()).abs().mean(),
-            ]).detach()
+            sums += torch.stack(
+                [
+                    grad_chosen.abs().mean(),
+                    grad_rejected.abs().mean(),
+                    (grad_chosen / chosen_logps.exp()).abs().mean(),
+                    (grad_rejected / rejected_logps.exp()).abs().mean(),
+                ]
+            ).detach()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
