@@ -2,6 +2,7 @@
 
     python benchmarks/bench_core.py            # full run (a few minutes on 2 CPU cores)
     python benchmarks/bench_core.py --quick    # smoke run
+    python benchmarks/bench_core.py --cuda-bf16   # on a CUDA GPU in bf16 (memory: CUDA allocated)
 
 Targets (issue #2): sigmoid ≤ 1.02× TRL's time and ≤ 1.00× its memory; flex_dpo / alpha_dpo / beta_dpo
 ≤ 1.02× our sigmoid; simpo / probability ≤ 0.75× (no reference forward).
@@ -27,8 +28,11 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    add_precision_argument,
     bench_model,
     long_preference_dataset,
+    precision_config,
+    precision_flags,
     prepared_batches,
     print_comparisons,
     step_memory,
@@ -57,11 +61,10 @@ SIZES = {
 }
 
 
-def build(method: str, model, tokenizer, dataset, output_dir: str):
+def build(method: str, model, tokenizer, dataset, output_dir: str, precision: dict):
     common = dict(
         output_dir=output_dir,
-        bf16=False,
-        use_cpu=True,
+        **precision,
         gradient_checkpointing=False,
         report_to=[],
         per_device_train_batch_size=len(dataset),
@@ -97,26 +100,29 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--memory-of")
+    add_precision_argument(parser)
     cli = parser.parse_args()
+    precision = precision_config(cli)
     size = SIZES["quick" if cli.quick else "full"]
     torch.manual_seed(0)
     tokenizer, model, dataset = setup(size)
     tmp = tempfile.mkdtemp()
 
     if cli.memory_of:
-        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp)
+        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp, precision)
         batches = prepared_batches(trainer, size["pairs"])
         print(json.dumps(step_memory(lambda: trainer, batches, steps=4)))
         return
 
-    trainers = {name: build(name, model, tokenizer, dataset, tmp) for name in METHODS}
+    trainers = {name: build(name, model, tokenizer, dataset, tmp, precision) for name in METHODS}
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     times, memory = time_then_measure_memory(
-        __file__, trainers, batches, size["rounds"], ["--quick"] if cli.quick else []
+        __file__, trainers, batches, size["rounds"], (["--quick"] if cli.quick else []) + precision_flags(cli)
     )
     print(
         f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; "
-        f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds"
+        f"{size['pairs']} pairs/step, ~{size['prompt']}+{size['completion']} tokens; {size['rounds']} rounds; "
+        f"{'CUDA bf16' if cli.cuda_bf16 else 'CPU fp32'}"
     )
     print_comparisons(
         times,

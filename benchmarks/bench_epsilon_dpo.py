@@ -29,8 +29,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # th
 
 import torch  # noqa: E402
 from common import (  # noqa: E402
+    add_precision_argument,
     enable_activation_checkpointing,
     long_preference_dataset,
+    precision_config,
+    precision_flags,
     prepared_batches,
     print_comparisons,
     step_memory,
@@ -112,11 +115,10 @@ def build_model(size):
     return tokenizer, LlamaForCausalLM(config)
 
 
-def build(method, model, tokenizer, dataset, output_dir, gradient_checkpointing):
+def build(method, model, tokenizer, dataset, output_dir, gradient_checkpointing, precision):
     config = RefPOConfig(
         output_dir=output_dir,
-        bf16=False,
-        use_cpu=True,
+        **precision,
         gradient_checkpointing=gradient_checkpointing,
         report_to=[],
         seed=0,
@@ -148,7 +150,9 @@ def main():
         action="store_false",
         help="keep every activation (TRL's default is gradient checkpointing on)",
     )
+    add_precision_argument(parser)
     cli = parser.parse_args()
+    precision = precision_config(cli)
     size_name = "quick" if cli.quick else cli.size
     size = SIZES[size_name]
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -157,19 +161,22 @@ def main():
     tmp = tempfile.mkdtemp()
 
     if cli.memory_of:
-        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp, cli.gradient_checkpointing)
+        trainer = build(cli.memory_of, model, tokenizer, dataset, tmp, cli.gradient_checkpointing, precision)
         print(json.dumps(step_memory(lambda: trainer, prepared_batches(trainer, size["pairs"]), steps=2)))
         return
 
-    trainers = {name: build(name, model, tokenizer, dataset, tmp, cli.gradient_checkpointing) for name in METHODS}
+    trainers = {
+        name: build(name, model, tokenizer, dataset, tmp, cli.gradient_checkpointing, precision) for name in METHODS
+    }
     batches = prepared_batches(trainers["sigmoid"], size["pairs"])
     batch_shape = tuple(batches[0]["input_ids"].shape)
     extra = ["--size", size_name] + ([] if cli.gradient_checkpointing else ["--no-gradient-checkpointing"])
+    extra += precision_flags(cli)
     times, memory = time_then_measure_memory(__file__, trainers, batches, size["rounds"], extra)
     print(
         f"model: hidden={size['hidden']} layers={size['layers']} vocab={size['vocab']}; batch {batch_shape} "
         f"({size['pairs']} pair(s), {size['completion']}-token completions); {size['rounds']} rounds; "
-        f"{torch.get_num_threads()} threads; gradient checkpointing {'on' if cli.gradient_checkpointing else 'off'}"
+        f"{torch.get_num_threads()} threads; {'CUDA bf16' if cli.cuda_bf16 else 'CPU fp32'}; gradient checkpointing {'on' if cli.gradient_checkpointing else 'off'}"
     )
     print_comparisons(
         times, memory, [("epsilon_dpo", "sigmoid", "≤1.15 time, ≤1.10 mem"), ("epsilon_dpo", "naive", "≤0.5 mem")]

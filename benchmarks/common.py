@@ -104,11 +104,42 @@ def _peak_rss_bytes() -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status (Linux only)")
 
 
+def add_precision_argument(parser) -> None:
+    parser.add_argument(
+        "--cuda-bf16",
+        action="store_true",
+        help="train on the CUDA GPU in bf16 (default: CPU fp32); memory is then CUDA memory",
+    )
+
+
+def precision_config(cli) -> dict:
+    """The config fields of the chosen mode: CPU fp32, or the CUDA GPU in bf16."""
+    if cli.cuda_bf16:
+        if not torch.cuda.is_available():
+            raise SystemExit("--cuda-bf16 needs a CUDA GPU; none is visible.")
+        return dict(bf16=True, use_cpu=False)
+    return dict(bf16=False, use_cpu=True)
+
+
+def precision_flags(cli) -> list[str]:
+    return ["--cuda-bf16"] if cli.cuda_bf16 else []
+
+
 def step_memory(build_trainer, batches: list, steps: int) -> dict[str, float]:
-    """Run in a fresh process: peak RSS added by `steps` training steps, and the total peak (MiB)."""
+    """Run in a fresh process: peak memory added by `steps` training steps, and the total peak (MiB): RSS on CPU,
+    CUDA allocated memory when the trainer is on a GPU."""
     trainer = build_trainer()
     optimizer = torch.optim.AdamW(trainer.model.parameters(), lr=1e-6)
     training_step(trainer, batches[0], optimizer)  # optimizer state and allocator pools exist in every method
+    if trainer.args.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        for index in range(steps):
+            training_step(trainer, batches[index % len(batches)], optimizer)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return {"step_peak_mib": (peak - before) / 2**20, "total_peak_mib": peak / 2**20}
     gc.collect()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset the peak-RSS mark
