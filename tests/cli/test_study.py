@@ -310,3 +310,10 @@ def test_default_evaluation_is_evaluate_policy(study_dir, tmp_path):
     expected = np.mean([all(row["strict"]) for row in record["per_prompt"]])
     assert record["metrics"]["prompt_strict"] == pytest.approx(expected)
     assert {"pair_accuracy", "drift", "reply_tokens"} <= set(record["metrics"])
+
+
+def test_jobs_need_the_study_file_and_the_default_evaluation(study_dir, tmp_path):
+    study = parse_study(study_data(), base_dir=study_dir)
+    with pytest.raises(StudyError, match="--jobs > 1 needs the study as a file path"):
+        run_study(study, tmp_path / "out", jobs=2, progress=False)
+    assert read_runs(tmp_path / "out") == []
