@@ -5,7 +5,7 @@
 
 Steps (each with its own time limit; their sum stays under 8 minutes):
 
-1. the head and ε-DPO tests (``tests/test_lm_head.py``, ``tests/test_epsilon_dpo.py``), and a bf16 CUDA training
+1. the head and ε-DPO tests (``tests/heads/test_completion_head.py``, ``tests/objectives/test_epsilon_dpo.py``), and a bf16 CUDA training
    smoke per loss type (``benchmarks/gpu/cuda_smoke.py``: TRL's fused LM head and the pipeline's completion head);
 2. ``bench_core`` and ``bench_epsilon_dpo`` with ``--cuda-bf16``: ratios against TRL (and our sigmoid) measured in
    the same run;
@@ -50,9 +50,17 @@ def steps(work: Path) -> list[Step]:
     return [
         Step(
             "head and ε-DPO tests",
-            [python, "-m", "pytest", "-q", "-x", "tests/test_lm_head.py", "tests/test_epsilon_dpo.py"],
+            [
+                python,
+                "-m",
+                "pytest",
+                "-q",
+                "-x",
+                "tests/heads/test_completion_head.py",
+                "tests/objectives/test_epsilon_dpo.py",
+            ],
             100,
-            [ROOT / "tests/test_lm_head.py", ROOT / "tests/test_epsilon_dpo.py"],
+            [ROOT / "tests/heads/test_completion_head.py", ROOT / "tests/objectives/test_epsilon_dpo.py"],
             ["pytest"],
         ),
         Step(
