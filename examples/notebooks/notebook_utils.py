@@ -31,7 +31,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback  #
 
 from trl_refpo import DPOConfig, DPOTrainer  # noqa: E402
 from trl_refpo.cli import RecipeError, check_model_path  # noqa: E402
-from trl_refpo.research.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
+from trl_refpo.objectives.typo_completions import eos_token_ids  # noqa: E402
+from trl_refpo.research.constraint_tasks import check, constraint_splits, preference_dataset  # noqa: E402
 from trl_refpo.research.offline_models import OFFLINE_MODELS, OFFLINE_PREFIX, OfflineModelUnavailable  # noqa: E402
 from trl_refpo.testing import tiny_bpe_tokenizer, tiny_llama, tiny_tokenizer  # noqa: E402
 
@@ -61,8 +62,6 @@ def _show_figures_inline() -> None:
 
 
 _show_figures_inline()
-
-from main_job import constraint_rates, greedy_responses  # noqa: E402  (the main job's held-out evaluation)
 
 
 class NotebookSetupError(ValueError):
@@ -207,3 +206,42 @@ def save_figure(figure, output_dir: str, name: str) -> str:
         figure.savefig(README_IMAGES / name, dpi=EXPORT_DPI)
         print(f"exported {README_IMAGES.relative_to(REPO_ROOT) / name}")
     return path
+
+
+def greedy_responses(model, tokenizer, tasks, max_new_tokens: int, batch_size: int = 16, desc="Generating"):
+    """Greedy replies to each constraint task's chat prompt (left-padded batches), decoded without special tokens."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    texts = [
+        tokenizer.apply_chat_template(task.messages(), tokenize=False, add_generation_prompt=True) for task in tasks
+    ]
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    eos_ids = eos_token_ids(model, tokenizer)
+    responses = []
+    try:
+        for start in tqdm(range(0, len(texts), batch_size), desc=desc, unit="batch"):
+            batch = tokenizer(
+                texts[start : start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False
+            )
+            output = model.generate(
+                **batch.to(model.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=eos_ids,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+            new_tokens = output[:, batch["input_ids"].size(1) :]
+            responses += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = padding_side
+    return responses
+
+
+def constraint_rates(tasks, responses) -> dict[str, float]:
+    """Share of responses that satisfy their task's constraint, per kind and overall ("all")."""
+    hits = {}
+    for task, response in zip(tasks, responses, strict=True):
+        for key in (task.kind, "all"):
+            hits.setdefault(key, []).append(check(task, response))
+    return {kind: sum(values) / len(values) for kind, values in hits.items()}
