@@ -113,3 +113,10 @@ def test_a_plain_install_requires_no_plotting_or_dataframe_library():
     requirements = config["options"]["install_requires"].split()
     assert not [name for name in requirements if name.startswith(("matplotlib", "pandas"))]
     assert "matplotlib" in config["options.extras_require"]["research"]
+
+
+def test_every_package_folder_is_a_regular_package():
+    """setup.cfg's ``packages = find:`` ships only folders with an ``__init__.py``: an editable install imports a
+    namespace folder, a wheel silently leaves it out."""
+    folders = {path.parent for path in PACKAGE.rglob("*.py") if "__pycache__" not in path.parts}
+    assert sorted(str(f.relative_to(PACKAGE)) for f in folders if not (f / "__init__.py").exists()) == []
