@@ -9,8 +9,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+import trl_refpo  # noqa: E402
 from trl_refpo import RefPOConfig  # noqa: E402
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset  # noqa: E402
+
+# The wheel check runs this suite against the installed wheel: never against the checkout by accident.
+if os.environ.get("TRL_REFPO_TEST_INSTALLED") == "1" and "site-packages" not in trl_refpo.__file__:
+    raise RuntimeError(f"TRL_REFPO_TEST_INSTALLED=1 but trl_refpo was imported from {trl_refpo.__file__}")
 
 
 def tiny_args(output_dir, **overrides) -> RefPOConfig:
