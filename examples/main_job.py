@@ -54,6 +54,7 @@ def parse_args(argv=None):
     parser.add_argument("--num_train", type=int, default=None, help="train pairs (default: all shipped pairs)")
     parser.add_argument("--num_eval_prompts", type=int, default=300, help="held-out prompts (the first N)")
     parser.add_argument("--max_new_tokens", type=int, default=48)
+    parser.add_argument("--eval_batch_size", type=int, default=32, help="held-out prompts per generate call")
     parser.add_argument("--num_resamples", type=int, default=1000, help="bootstrap resamples for the intervals")
     parser.add_argument("--output_dir", default="outputs/main_job")
     parser.add_argument("--seed", type=int, default=0)
@@ -197,7 +198,12 @@ def main(argv=None) -> dict:
     trainer = DPOTrainer(
         model=model, args=args, train_dataset=preference_dataset(train_rows), processing_class=tokenizer
     )
-    evaluation = dict(max_new_tokens=cli.max_new_tokens, seed=cli.seed, num_resamples=cli.num_resamples)
+    evaluation = dict(
+        max_new_tokens=cli.max_new_tokens,
+        batch_size=cli.eval_batch_size,
+        seed=cli.seed,
+        num_resamples=cli.num_resamples,
+    )
     eval_start = time.time()
     before = evaluate_policy(trainer.model, tokenizer, eval_prompts, pairs=eval_pairs, **evaluation)
     eval_seconds = [time.time() - eval_start]

@@ -1,12 +1,12 @@
-"""Write the study's training pairs and held-out pairs (deterministic; the files are committed).
+"""Write the study's training pairs (deterministic; the file is committed).
 
     python examples/study/build_data.py
 
-``data/train.jsonl``: 128 conversational preference pairs from the main job's rule-checked instruction tasks
-(:mod:`trl_refpo.research.constraint_tasks`, seed 0; one user message, no system prompt, as the IFEval
-evaluation renders its prompts). ``data/heldout_pairs.jsonl``: 48 held-out pairs of the same families (prompts
-never seen in training), as plain strings, for the held-out log-probabilities of y_w and y_l. The IFEval
-held-out prompts themselves come with the package (``load_ifeval_split("heldout")``).
+``data/train.jsonl``: the package's IFEval-verified on-policy train pairs (``load_ifeval_split("train")``, built
+by :mod:`trl_refpo.research.ifeval_data`; card in ``trl_refpo/research/data/ifeval_card.md``) in the conversational
+form ``trl-refpo dpo`` trains on: one user message, no system prompt, as the IFEval evaluation renders its prompts.
+The held-out prompts and held-out pairs the study evaluates on are the package's own splits (``heldout``,
+``heldout_pairs``), named in ``seeds.yaml``; their base tasks are disjoint from the train pairs'.
 """
 
 import json
@@ -17,34 +17,20 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from trl_refpo.research.constraint_tasks import constraint_splits, preference_dataset  # noqa: E402
-
-
-NUM_TRAIN, NUM_HELDOUT, SEED = 128, 48, 0
+from trl_refpo.research.ifeval_data import preference_dataset  # noqa: E402
+from trl_refpo.research.ifeval_eval import load_ifeval_split  # noqa: E402
 
 
 def main() -> None:
     folder = Path(__file__).parent / "data"
     folder.mkdir(exist_ok=True)
-    train, heldout = constraint_splits(NUM_TRAIN, NUM_HELDOUT, SEED)
+    pairs = preference_dataset(list(load_ifeval_split("train")))
     with open(folder / "train.jsonl", "w") as handle:
-        for row in preference_dataset(train, system_prompt=None):
+        for row in pairs.select_columns(["prompt", "chosen", "rejected"]):
             handle.write(json.dumps(row) + "\n")
-    with open(folder / "heldout_pairs.jsonl", "w") as handle:
-        for index, task in enumerate(heldout):
-            handle.write(
-                json.dumps(
-                    {
-                        "key": f"pair-{index:03d}",
-                        "kind": task.kind,
-                        "prompt": task.instruction,
-                        "chosen": task.chosen,
-                        "rejected": task.rejected,
-                    }
-                )
-                + "\n"
-            )
-    print(f"wrote {len(train)} train pairs and {len(heldout)} held-out pairs to {folder}")
+    for stale in ("heldout_pairs.jsonl",):
+        (folder / stale).unlink(missing_ok=True)
+    print(f"wrote {len(pairs)} train pairs to {folder / 'train.jsonl'}")
 
 
 if __name__ == "__main__":

@@ -92,11 +92,6 @@ class ReferenceCompletions:
         self._trainer_built = True
         if dataset_name not in self._pending:
             return dataset
-        if sampler.zero3:
-            raise ValueError(
-                f"Column {self.column!r} is missing and reference completions cannot be generated under DeepSpeed "
-                "ZeRO-3 (sharded weights). Generate them once without ZeRO-3 (same cache directory) or add the column."
-            )
         args = self.args
         dataset, self.cache_hits[dataset_name] = generate_completions_cached(
             dataset,
@@ -108,6 +103,7 @@ class ReferenceCompletions:
             sampler.accelerator,
             dataset_name,
             batch_size=args.typo_generation_batch_size or args.per_device_eval_batch_size,
+            zero3=sampler.zero3,
         )
         return dataset
 
@@ -292,11 +288,14 @@ def generate_completions_cached(
     accelerator,
     dataset_name: str,
     batch_size: int = 8,
+    zero3: bool = False,
 ) -> tuple[Dataset, bool]:
     """Add ``<column>_ids`` sampled from ``model`` (the reference), loading them from the cache when present.
 
     Returns ``(dataset, cache_hit)``. Prompts are split across processes; the main process writes the
-    cache, then every process reads it, so all hold the same completions.
+    cache, then every process reads it, so all hold the same completions. Under ZeRO-3 (``zero3``) the cache is
+    read (its key hashes the gathered weights, as one process hashes them) but a miss is an error: sampling there
+    would need every rank in every ``generate`` forward, which a split of the prompts does not give.
     """
     if isinstance(dataset, IterableDataset):
         raise ValueError(
@@ -312,6 +311,12 @@ def generate_completions_cached(
     folder = os.path.join(cache_dir or default_cache_dir(), key[:32])
     output_column = ids_column(column)
     hit = os.path.exists(os.path.join(folder, "settings.json"))
+    if not hit and zero3:
+        raise ValueError(
+            f"Column {column!r} is missing from the {dataset_name} dataset and reference completions cannot be "
+            f"sampled under DeepSpeed ZeRO-3 (sharded weights), and none are cached in {folder}. Sample them once "
+            "without ZeRO-3 (1 process or DDP, same typo_generation_cache_dir and settings), or add the column."
+        )
     if not hit:
         with accelerator.split_between_processes(list(range(len(prompts)))) as indices:
             local = sample_completions(
