@@ -1,6 +1,6 @@
 """Main job: preference-train SmolLM2-135M-Instruct on IFEval-verified on-policy pairs, on CPU, and measure it.
 
-    python examples/main_job.py                                  # alpha_dpo, 2 epochs of the shipped pairs (--help)
+    python examples/main_job.py                                  # alpha_dpo, 1 epoch of the shipped pairs (--help)
     python examples/main_job.py --loss_type epsilon_dpo           # any loss_type, same data and steps
     python examples/main_job.py --model HuggingFaceTB/SmolLM2-135M-Instruct   # with hub access
 
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     parser.add_argument("--loss_type", default="alpha_dpo", choices=available_loss_types())
     parser.add_argument("--model", default=DEFAULT_MODEL, help="offline:<name>, a local folder, a hub id, or 'tiny'")
     parser.add_argument("--max_steps", type=int, default=None, help="default: --num_epochs over the train pairs")
-    parser.add_argument("--num_epochs", type=int, default=2)
+    parser.add_argument("--num_epochs", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=4, help="preference pairs per optimizer step")
     parser.add_argument("--learning_rate", type=float, default=1e-5)
     parser.add_argument("--beta", type=float, default=None, help="default: 2.5 for simpo/alpha_dpo, else 0.1")
