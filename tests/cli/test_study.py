@@ -317,3 +317,15 @@ def test_jobs_need_the_study_file_and_the_default_evaluation(study_dir, tmp_path
     with pytest.raises(StudyError, match="--jobs > 1 needs the study as a file path"):
         run_study(study, tmp_path / "out", jobs=2, progress=False)
     assert read_runs(tmp_path / "out") == []
+
+
+def test_the_shipped_study_file_is_valid_and_its_data_and_evaluation_resolve():
+    """examples/study/seeds.yaml: every arm's loss type and fields known, the baseline's seeds cover every arm, the
+    training file and the evaluation splits exist (the SFT reference folder is built on demand, not shipped)."""
+    from pathlib import Path
+
+    study = study_module.load_study(Path(__file__).resolve().parents[2] / "examples" / "study" / "seeds.yaml")
+    assert len(study.arms) >= 8 and all(len(arm.seeds) == 3 for arm in study.arms)
+    assert (study.base_dir / study.recipe["dataset_name"]).is_file()
+    assert len(study_module.evaluation_prompts(study)) == study.evaluation["num_prompts"]
+    assert len(study_module._evaluation_rows(study, "pairs")) > 0
