@@ -21,7 +21,6 @@ downloaded from the hub. ``--model tiny`` builds a random tiny Llama in code (se
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -36,6 +35,7 @@ import torch  # noqa: E402
 from trl_refpo import DPOConfig, DPOTrainer, available_loss_types  # noqa: E402
 from trl_refpo.research.ifeval_data import preference_dataset  # noqa: E402
 from trl_refpo.research.ifeval_eval import METRICS, evaluate_policy, load_ifeval_split  # noqa: E402
+from trl_refpo.research.token_analysis import frozen_copy  # noqa: E402
 
 
 LENGTH_NORMALISED = {"simpo", "alpha_dpo"}  # β on the average log-prob: a larger scale (SimPO / α-DPO papers)
@@ -207,7 +207,9 @@ def main(argv=None) -> dict:
     eval_start = time.time()
     before = evaluate_policy(trainer.model, tokenizer, eval_prompts, pairs=eval_pairs, **evaluation)
     eval_seconds = [time.time() - eval_start]
-    reference = copy.deepcopy(trainer.model).eval()
+    # Not copy.deepcopy: TRL's fused LM head makes the model's forward a closure over the ORIGINAL model, so a deep
+    # copy would score with the trained weights and drift would read 0.
+    reference = frozen_copy(trainer.model)
     train_start = time.time()
     trainer.train()
     train_seconds = time.time() - train_start
