@@ -275,6 +275,27 @@ def test_summarise_verdicts_on_fixed_runs():
     assert rows[("base", "drift")]["mean"] == pytest.approx(0.05)  # mean over seeds of the per-prompt drift
 
 
+def test_pair_accuracy_is_the_runs_own_over_all_pairs():
+    """Only pairs whose prompt is also an evaluation prompt show up in the per-prompt rows: the report must use each
+    run's pair_accuracy over all the held-out pairs, not those few."""
+    runs = {
+        "base": {
+            seed: {
+                "arm": "base",
+                "seed": seed,
+                "metrics": {"pair_accuracy": value},
+                "per_prompt": [
+                    {"key": 0, "strict": [True], "loose": [True], "reply_tokens": 1, "pair_correct": False},
+                    {"key": 1, "strict": [True], "loose": [True], "reply_tokens": 1, "pair_correct": None},
+                ],
+            }
+            for seed, value in ((0, 0.6), (1, 0.8))
+        }
+    }
+    (row,) = summarise(runs, "base", ["pair_accuracy"], num_resamples=100)
+    assert row["mean"] == pytest.approx(0.7) and 0.6 <= row["low"] <= row["high"] <= 0.8
+
+
 def test_pending_runs_uses_the_config_hash(study_dir):
     study = parse_study(study_data(), base_dir=study_dir)
     arm = study.arm("flex")
