@@ -85,10 +85,10 @@ EVALUATION_KEYS = {
     "num_resamples",
     "drift",
 }
-# Metrics with a per-prompt value: name -> how to read it from one per_prompt entry.
-# Metrics with one value per evaluation prompt. Not pair_accuracy: the held-out pairs have prompts of their own, and
-# only those few that are also evaluation prompts would appear in the per-prompt rows (7 of 36 in the shipped study),
-# so the report uses each run's pair_accuracy over all pairs (resampled over seeds).
+# Metrics with one value per evaluation prompt: name -> how to read it from one per_prompt entry. Not
+# pair_accuracy: the held-out pairs have prompts of their own, and only the few that are also evaluation prompts would
+# appear in the per-prompt rows (7 of 36 in the shipped study), so the report uses each run's pair_accuracy over all
+# pairs (resampled over seeds).
 PROMPT_METRICS: dict[str, Callable[[dict], object]] = {
     "prompt_strict": lambda row: float(all(row["strict"])),
     "prompt_loose": lambda row: float(all(row["loose"])),
