@@ -13,6 +13,7 @@ import trl_refpo  # noqa: E402
 from trl_refpo import RefPOConfig  # noqa: E402
 from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset  # noqa: E402
 
+
 # The wheel check runs this suite against the installed wheel: never against the checkout by accident.
 if os.environ.get("TRL_REFPO_TEST_INSTALLED") == "1" and "site-packages" not in trl_refpo.__file__:
     raise RuntimeError(f"TRL_REFPO_TEST_INSTALLED=1 but trl_refpo was imported from {trl_refpo.__file__}")
