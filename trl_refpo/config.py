@@ -14,7 +14,15 @@ from typing import Any
 from trl import DPOConfig as _TRLDPOConfig
 
 from .objectives.base import FieldRange, fraction, non_negative, positive
-from .objectives.registry import OBJECTIVES, available_loss_types, field_owners, field_ranges, needs_reference
+from .objectives.registry import (
+    OBJECTIVES,
+    available_loss_types,
+    field_owners,
+    field_ranges,
+    label_smoothing_types,
+    needs_reference,
+    uses_beta,
+)
 from .objectives.trl_losses import TRL_LOSS_TYPES
 from .reference.rules import refuse_partial_reference, refuse_sync_with_other_tokenizer
 
@@ -195,7 +203,7 @@ class RefPOConfig(_TRLDPOConfig):
             if self.label_smoothing > 0 and no_smoothing:
                 raise ValueError(
                     f"label_smoothing={self.label_smoothing} has no meaning for loss_type {no_smoothing} (their "
-                    "authors define none); it applies to alpha_dpo and simpo (conservative smoothing). Set "
+                    f"authors define none); it applies to {label_smoothing_types()} (conservative smoothing). Set "
                     "label_smoothing=0."
                 )
             if self.label_smoothing >= 0.5:
@@ -224,7 +232,7 @@ class RefPOConfig(_TRLDPOConfig):
                     f"{name}={getattr(self, name)!r} is used only by loss_type {list(owners)}, which loss_type "
                     f"{self.loss_type} does not contain. Unset {name}, or add the loss type."
                 )
-        if self.beta != defaults["beta"] and set(self.loss_type) <= {"typo", "sft"}:
+        if self.beta != defaults["beta"] and not any(uses_beta(name) for name in self.loss_type):
             raise ValueError(f"beta={self.beta} is unused: loss_type {self.loss_type} has no β. Unset beta.")
         if self.plugin_loss_types and not self.sync_ref_model:
             for name in ("ref_model_mixup_alpha", "ref_model_sync_steps"):

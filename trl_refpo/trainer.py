@@ -67,7 +67,7 @@ def _refuse_extra_rows_on_vision_data(extra_completion_columns, train_dataset) -
     if extra_completion_columns and train_dataset is not None:
         if is_vision_example(next(iter(train_dataset), None)):
             raise ValueError(
-                f"The loss types scoring extra completions ({list(extra_completion_columns)}, e.g. typo) do not "
+                f"The loss types scoring extra completion columns ({list(extra_completion_columns)}) do not "
                 "support vision datasets (with an 'image' / 'images' column) yet. Use another loss_type."
             )
 

@@ -155,3 +155,24 @@ def test_legacy_reference_free_reads_the_declarations(tmp_path):
     assert overrides["loss_type"] == ["probability", "sft"]
     with pytest.raises(RecipeError, match="no trl-refpo equivalent for loss_type 'ipo'"):
         translate_legacy({"reference_free": True}, tiny_args(tmp_path, loss_type="ipo"), ModelConfig(), set())
+
+
+def test_beta_and_label_smoothing_rules_read_the_declarations(tmp_path):
+    class BetaFreeSmoothed(HalfSigmoid):
+        name = "beta_free_smoothed_test"
+        fields = {}
+        uses_beta = False
+        supports_label_smoothing = True
+
+    with pytest.raises(ValueError, match=r"beta=0.3 is unused: loss_type \['typo'\] has no β"):
+        tiny_args(tmp_path, loss_type="typo", beta=0.3)
+    tiny_args(tmp_path, loss_type=["typo", "sigmoid"], beta=0.3)  # sigmoid reads it
+    register_objective(BetaFreeSmoothed)
+    try:
+        with pytest.raises(ValueError, match=r"beta=0.3 is unused: loss_type \['beta_free_smoothed_test'\]"):
+            tiny_args(tmp_path, loss_type="beta_free_smoothed_test", beta=0.3)
+        message = r"it applies to \['alpha_dpo', 'beta_free_smoothed_test', 'simpo'\]"
+        with pytest.raises(ValueError, match=message):
+            tiny_args(tmp_path, loss_type="epsilon_dpo", label_smoothing=0.1)
+    finally:
+        del OBJECTIVES["beta_free_smoothed_test"]

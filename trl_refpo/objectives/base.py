@@ -86,6 +86,7 @@ class Objective:
     * ``needs_reference``: reads reference log-probs.
     * ``needs_reference_distribution``: needs the reference model's full next-token distribution over the
       policy's token ids (ε-DPO's perturbed policies): no precomputed / supplied / re-tokenising reference.
+    * ``uses_beta``: the loss reads ``beta`` (a run whose loss types all read none must leave it at its default).
     * ``supports_label_smoothing``: the authors' code applies conservative label smoothing.
     * ``reference_free_variant_of``: the TRL type this one replaces under a legacy ``reference_free: true``.
     * :meth:`samples_from_reference`: uses the reference model before training (TYPO's generation).
@@ -96,6 +97,7 @@ class Objective:
     fields: ClassVar[dict[str, FieldRange | None]] = {}
     needs_reference: ClassVar[bool] = True
     needs_reference_distribution: ClassVar[bool] = False
+    uses_beta: ClassVar[bool] = True
     supports_label_smoothing: ClassVar[bool] = False
     reference_free_variant_of: ClassVar[str | None] = None
     controller = None  # a trl_refpo.objectives.controllers.Controller where the loss has training-time state

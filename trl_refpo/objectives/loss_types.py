@@ -325,6 +325,7 @@ class Typo(Objective):
     name = "typo"
     fields = TYPO_FIELDS
     needs_reference = False
+    uses_beta = False
 
     def __init__(self, args):
         super().__init__(args)

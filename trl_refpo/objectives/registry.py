@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .base import FieldRange, Objective
 from .loss_types import AlphaDPO, BetaDPO, EpsilonDPO, FlexDPO, Likelihood, Probability, SimPO, TRLBuiltin, Typo
-from .trl_losses import TRL_LOSS_TYPES, trl_type_needs_reference
+from .trl_losses import TRL_LOSS_TYPES, trl_type_needs_reference, trl_type_uses_beta
 
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -43,6 +43,15 @@ def build_objectives(args) -> list[Objective]:
 
 def needs_reference(name: str) -> bool:
     return OBJECTIVES[name].needs_reference if name in OBJECTIVES else trl_type_needs_reference(name)
+
+
+def uses_beta(name: str) -> bool:
+    return OBJECTIVES[name].uses_beta if name in OBJECTIVES else trl_type_uses_beta(name)
+
+
+def label_smoothing_types() -> list[str]:
+    """trl-refpo's loss types whose authors apply conservative label smoothing."""
+    return sorted(name for name, cls in OBJECTIVES.items() if cls.supports_label_smoothing)
 
 
 def field_owners() -> dict[str, tuple[str, ...]]:

@@ -116,3 +116,8 @@ TRL_REFERENCE_FREE = frozenset({"sft"})
 def trl_type_needs_reference(name: str) -> bool:
     """TRL's rule: every built-in type but ``sft`` reads reference log-probs."""
     return name not in TRL_REFERENCE_FREE
+
+
+def trl_type_uses_beta(name: str) -> bool:
+    """Every built-in type but ``sft`` (a plain NLL) reads ``beta``."""
+    return name != "sft"
