@@ -350,3 +350,35 @@ def test_the_shipped_study_file_is_valid_and_its_data_and_evaluation_resolve():
     assert (study.base_dir / study.recipe["dataset_name"]).is_file()
     assert len(study_module.evaluation_prompts(study)) == study.evaluation["num_prompts"]
     assert len(study_module._evaluation_rows(study, "pairs")) > 0
+
+
+def test_heldout_pair_logps_of_a_typo_run_are_the_pairs_own(tmp_path):
+    """TYPO scores a reference sample beside each pair; the held-out pairs have none (found by the study's typo arm,
+    which stopped here). The pair log-probs and accuracy must equal a sigmoid trainer's on the same weights."""
+    from trl_refpo import RefPOConfig, RefPOTrainer
+    from trl_refpo.cli.study_runner import _pairs_logps
+    from trl_refpo.testing import tiny_llama, tiny_tokenizer, toy_preference_dataset
+
+    tokenizer = tiny_tokenizer()
+    rows = toy_preference_dataset(4, seed=5)
+    pairs = [{"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"]} for row in rows]
+    common = dict(bf16=False, report_to=[], disable_tqdm=True, per_device_eval_batch_size=4, save_strategy="no")
+    results = {}
+    for loss_type, extra in (
+        ("typo", dict(typo_generate_ref_completions=True, typo_generation_max_new_tokens=4)),
+        ("sigmoid", {}),
+    ):
+        args = RefPOConfig(
+            output_dir=str(tmp_path / loss_type),
+            loss_type=[loss_type],
+            typo_generation_cache_dir=str(tmp_path / "cache") if extra else None,
+            **common,
+            **extra,
+        )
+        trainer = RefPOTrainer(
+            model=tiny_llama(tokenizer, seed=0), args=args, train_dataset=rows, processing_class=tokenizer
+        )
+        results[loss_type] = _pairs_logps(trainer, pairs)
+    assert results["typo"]["logps_chosen"] == pytest.approx(results["sigmoid"]["logps_chosen"], rel=1e-6)
+    assert results["typo"]["logps_rejected"] == pytest.approx(results["sigmoid"]["logps_rejected"], rel=1e-6)
+    assert results["typo"]["logps_accuracy"] == results["sigmoid"]["logps_accuracy"]

@@ -315,6 +315,11 @@ def _pairs_logps(trainer, pairs) -> dict[str, float]:
         "chosen": [message("assistant", p["chosen"]) for p in pairs],
         "rejected": [message("assistant", p["rejected"]) for p in pairs],
     }
+    # A loss type scoring an extra completion beside each pair (TYPO's reference sample) gets the chosen reply in
+    # that column: it enters only the eval loss, which is not read here, never the pair log-probs.
+    for objective in trainer.objectives:
+        for ids_column in objective.extra_completion_columns():
+            columns[ids_column.removesuffix("_ids")] = columns["chosen"]
     dataset = trainer._prepare_dataset(Dataset.from_dict(columns), trainer.processing_class, trainer.args, "eval")
     metrics = trainer.evaluate(eval_dataset=dataset)
     wanted = {
