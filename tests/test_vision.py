@@ -123,7 +123,7 @@ def test_typo_supplied_columns_and_precompute_are_refused_on_vision_data(tmp_pat
     model, processor = tiny_llava()
     with pytest.raises(ValueError, match="precompute_ref_log_probs=True` is not supported for vision datasets"):
         llava_trainer(tmp_path, model, processor, loss_type="flex_dpo", precompute_ref_log_probs=True)
-    with pytest.raises(ValueError, match="extra completions .* do not support vision datasets"):
+    with pytest.raises(ValueError, match="extra completion columns .* do not support vision datasets"):
         llava_trainer(
             tmp_path,
             model,
