@@ -467,13 +467,25 @@ def run_study(
             futures = [
                 pool.submit(_run_in_subprocess, study_path, arm.name, seed, str(output_dir)) for arm, seed in todo
             ]
+            failure = None
             for future in as_completed(futures):
-                record = future.result()
+                if future.cancelled():
+                    continue
+                try:
+                    record = future.result()
+                except Exception as error:
+                    # Stop as a kill would, but keep the runs already under way: they finish and are written.
+                    failure = failure or error
+                    for other in futures:
+                        other.cancel()
+                    continue
                 _append(output_dir, record)
                 records.append(record)
                 bar.update()
                 if after_run:
                     after_run(record)
+            if failure is not None:
+                raise failure
     else:
         for arm, seed in todo:
             bar.set_postfix_str(f"{arm.name} seed {seed}")
