@@ -5,7 +5,10 @@ tests/zero3_exactness_worker.py.
 * an in-memory policy and no ``ref_model`` trains (the reference copy is gathered, not deep-copied placeholders),
   with the losses and reference log-probs of one process;
 * the reference log-prob cache is keyed on the real weights: a second reference with other weights is rescored,
-  and the key's ``reference_weights`` is TRL's ``hash_module`` of the full model, as with one process.
+  and the key's ``reference_weights`` is TRL's ``hash_module`` of the full model, as with one process;
+* TYPO samples its reference completions under ZeRO-3 (item 3: each process gathers the weights and samples its
+  share), the tokens one process samples, then trains as one process;
+* ``sync_ref_model`` (TRL's callback, which gathers under ZeRO-3) trains as one process.
 """
 
 from __future__ import annotations
@@ -76,3 +79,23 @@ def test_cache_is_keyed_on_the_gathered_reference_weights(zero3, single_process,
             single_process[f"cache/{name}"]["ref_chosen"], rel=1e-5, abs=1e-5
         )
     assert rank0["cache/a"]["ref_chosen"] != pytest.approx(rank0["cache/b"]["ref_chosen"], rel=1e-3)
+
+
+def test_typo_samples_its_reference_completions_as_one_process(zero3, single_process):
+    rank0, rank1 = zero3[0]["typo_sampled"], zero3[1]["typo_sampled"]
+    expected = single_process["typo_sampled"]
+    assert len(expected["ref_completion_ids"]) == 8 and all(expected["ref_completion_ids"])
+    assert rank0["ref_completion_ids"] == rank1["ref_completion_ids"] == expected["ref_completion_ids"]
+    assert rank0["losses"] == rank1["losses"]
+    assert rank0["losses"] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
+
+
+def test_sync_ref_model_trains_as_one_process(zero3, single_process):
+    rank0, rank1 = zero3[0]["sync"], zero3[1]["sync"]
+    expected = single_process["sync"]
+    assert rank0["losses"] == rank1["losses"]
+    assert rank0["losses"] == pytest.approx(expected["losses"], rel=1e-4, abs=1e-6)
+    # The sync after step 1 changed the reference that step 2 scores with (same first step as without it).
+    without = single_process["in_memory/sigmoid"]["losses"]
+    assert expected["losses"][0] == pytest.approx(without[0], rel=1e-6)
+    assert expected["losses"][1] != pytest.approx(without[1], rel=1e-4)

@@ -6,7 +6,10 @@
 * ``in_memory/<loss>``: ``model = AutoModelForCausalLM.from_pretrained(POLICY)`` after the config, then the trainer
   with no ``ref_model`` (the reference is a copy of that in-memory policy): losses and reference log-probs;
 * ``cache/<a|b>``: precomputed reference log-probs of REF_A, then of REF_B (same tokenizer and data, other weights),
-  into one ``ref_logps_cache_dir``: the scored values and the key's ``reference_weights``.
+  into one ``ref_logps_cache_dir``: the scored values and the key's ``reference_weights``;
+* ``typo_sampled``: TYPO with its reference completions sampled before training from that in-memory policy
+  (``typo_generation_top_k=1``: the same tokens however the prompts are split over processes and seeded);
+* ``sync``: ``sigmoid`` with ``sync_ref_model`` (TRL's callback mixes the policy into the reference after step 1).
 
 The test runs :func:`run_all` in one process without DeepSpeed to compare.
 """
@@ -25,6 +28,7 @@ NUM_EXAMPLES = 8  # STEPS × global batch 4, in dataset order
 
 
 def _config(out: str, name: str, per_device_batch_size: int, use_cpu: bool, **overrides):
+    """The shared settings, updated by ``overrides``; an override of None removes the setting (TYPO has no β)."""
     from trl_refpo import RefPOConfig
 
     config = dict(
@@ -42,21 +46,24 @@ def _config(out: str, name: str, per_device_batch_size: int, use_cpu: bool, **ov
         train_sampling_strategy="sequential",
         seed=0,
         dataloader_num_workers=0,
-        **overrides,
     )
+    config = {key: value for key, value in {**config, **overrides}.items() if value is not None}
     if use_cpu:
         config["use_cpu"] = True
     return RefPOConfig(**config)
 
 
-def run_in_memory(loss_type: str, out: str, policy: str, per_device_batch_size: int, use_cpu: bool) -> dict:
+def run_in_memory(
+    loss_type: str, out: str, policy: str, per_device_batch_size: int, use_cpu: bool, name: str | None = None, **fields
+) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trl_refpo import RefPOTrainer
     from trl_refpo.testing import toy_preference_dataset
 
     extra = {"epsilon": 0.5} if loss_type == "epsilon_dpo" else {}
-    args = _config(out, f"in_memory_{loss_type}", per_device_batch_size, use_cpu, loss_type=[loss_type], **extra)
+    name = name or f"in_memory_{loss_type}"
+    args = _config(out, name, per_device_batch_size, use_cpu, loss_type=[loss_type], **extra, **fields)
     model = AutoModelForCausalLM.from_pretrained(policy)  # after the config: partitioned by zero.Init under ZeRO-3
     trainer = RefPOTrainer(
         model=model,
@@ -64,6 +71,7 @@ def run_in_memory(loss_type: str, out: str, policy: str, per_device_batch_size: 
         train_dataset=toy_preference_dataset(NUM_EXAMPLES, seed=3),
         processing_class=AutoTokenizer.from_pretrained(policy),
     )
+    completions = list(trainer.train_dataset["ref_completion_ids"]) if loss_type == "typo" else None
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     return {
@@ -71,6 +79,7 @@ def run_in_memory(loss_type: str, out: str, policy: str, per_device_batch_size: 
         "ref_chosen": [entry.get("logps/ref_chosen") for entry in logged],
         "controller_state": trainer.controller_state(),
         "ref_model": type(trainer.ref_model).__name__ if trainer.ref_model is not None else None,
+        "ref_completion_ids": completions,
     }
 
 
@@ -122,6 +131,29 @@ def run_all(out: str, policy: str, ref_a: str, ref_b: str, per_device_batch_size
     cache_dir = f"{out}/ref_logps_cache"
     for name, reference in (("a", ref_a), ("b", ref_b)):
         results[f"cache/{name}"] = run_cached(reference, out, policy, cache_dir, use_cpu)
+    results["typo_sampled"] = run_in_memory(
+        "typo",
+        out,
+        policy,
+        per_device_batch_size,
+        use_cpu,
+        beta=None,
+        typo_generate_ref_completions=True,
+        typo_generation_top_k=1,
+        typo_generation_max_new_tokens=6,
+        typo_generation_cache_dir=f"{out}/typo_cache",
+    )
+    results["sync"] = run_in_memory(
+        "sigmoid",
+        out,
+        policy,
+        per_device_batch_size,
+        use_cpu,
+        name="sync",
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=0.5,
+    )
     return results
 
 

@@ -29,7 +29,7 @@ from .heads.completion import completion_logps, model_inputs
 from .heads.perturbation import PerturbationScorer
 from .objectives.base import PairBatch, ReferenceSampler, StepContext
 from .objectives.registry import build_objectives
-from .reference.handle import is_zero3, scoring_handle
+from .reference.handle import scoring_handle
 from .reference.precompute import precompute_reference_logps
 from .reference.setup import is_vision_example, setup_reference
 from .reference.sources import ColumnReference
@@ -221,7 +221,7 @@ class RefPOTrainer(_TRLDPOTrainer):
             reference_model, context = handle.model, handle.adapter_context()
         elif reference_model is None:
             reference_model = self.model  # not trained yet
-        sampler = ReferenceSampler(reference_model, self.processing_class, self.accelerator, zero3=is_zero3(self))
+        sampler = ReferenceSampler(reference_model, self.processing_class, self.accelerator)
         with context:
             self._add_reference_columns(sampler)
 

@@ -1,4 +1,5 @@
-"""A hash of a model's weights that is the same under every engine (TRL's ``hash_module`` bytes).
+"""A model's weights read the same under every engine: their hash (TRL's ``hash_module`` bytes) and a block in which
+every weight is present on this process.
 
 Under ZeRO-3 with ``zero.Init`` the parameters are partitioned placeholders, and ``hash_module`` (what TRL keys its
 precompute cache on) hashes those: every model of one architecture hashes alike. :func:`full_weights_hash` gathers
@@ -7,6 +8,7 @@ each partitioned parameter, one at a time, and hashes exactly what ``hash_module
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 
 import torch
@@ -15,6 +17,22 @@ import torch
 def is_partitioned(module: torch.nn.Module) -> bool:
     """Whether DeepSpeed ZeRO-3 has partitioned ``module``'s parameters (``zero.Init`` or an engine)."""
     return any(hasattr(parameter, "ds_id") for parameter in module.parameters())
+
+
+@contextlib.contextmanager
+def full_weights_present(module: torch.nn.Module):
+    """Every parameter of ``module`` whole on this process inside the block, read-only (ZeRO-3: gathered, then
+    partitioned again on exit; otherwise nothing to do), so each process can run forwards of its own, e.g.
+    ``generate`` on its share of the prompts. Entering and leaving are collective under ZeRO-3: every process
+    enters, at the same point. It costs one full copy of the weights per process for the block's duration."""
+    module = getattr(module, "module", module)
+    if not is_partitioned(module):
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+        yield
 
 
 def full_weights_hash(module: torch.nn.Module) -> str:

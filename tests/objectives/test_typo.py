@@ -235,41 +235,6 @@ def test_generated_completions_come_from_the_reference_and_are_cached(tokenizer,
     }  # the sampling settings are part of the key
 
 
-def test_under_zero3_cached_completions_load_and_a_miss_is_one_line(tokenizer, tmp_path, monkeypatch):
-    """ZeRO-3 cannot sample (every rank must join every forward); the completions sampled once without it, in the
-    same cache directory, load (the key hashes the full weights), and a miss names the column and the fix."""
-    import trl_refpo.trainer
-
-    dataset, cache = toy_preference_dataset(8), str(tmp_path / "cache")
-    first = build(
-        tiny_llama(tokenizer, seed=0),
-        tokenizer,
-        dataset,
-        tmp_path / "a",
-        typo_generation_cache_dir=cache,
-        **GENERATION,
-    )
-    monkeypatch.setattr(trl_refpo.trainer, "is_zero3", lambda trainer: True)
-    model = tiny_llama(tokenizer, seed=0)
-    model.generate = lambda *a, **k: pytest.fail("must not sample under ZeRO-3")
-    second = build(model, tokenizer, dataset, tmp_path / "b", typo_generation_cache_dir=cache, **GENERATION)
-    assert second.objectives[0].completions.cache_hits == {"train": True}
-    assert second.train_dataset["ref_completion_ids"] == first.train_dataset["ref_completion_ids"]
-    with pytest.raises(
-        ValueError,
-        match=r"^Column 'ref_completion' is missing from the train dataset and reference "
-        r"completions cannot be sampled under DeepSpeed ZeRO-3 .* Sample them once without ZeRO-3",
-    ):
-        build(
-            tiny_llama(tokenizer, seed=1),
-            tokenizer,
-            dataset,
-            tmp_path / "c",
-            typo_generation_cache_dir=cache,
-            **GENERATION,
-        )
-
-
 def test_generation_samples_from_the_given_ref_model(tokenizer, tmp_path):
     dataset = toy_preference_dataset(6)
     policy, reference = tiny_llama(tokenizer, seed=1), tiny_llama(tokenizer, seed=0)

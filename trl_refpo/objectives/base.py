@@ -144,4 +144,3 @@ class ReferenceSampler:
     model: Any
     processing_class: Any
     accelerator: Any
-    zero3: bool = False  # DeepSpeed ZeRO-3: the weights are partitioned over the processes

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig
 from trl.data_utils import _tokenize, common_prefix_length, is_conversational
 
-from ..weights import full_weights_hash
+from ..weights import full_weights_hash, full_weights_present
 
 
 logger = logging.getLogger(__name__)
@@ -103,7 +103,6 @@ class ReferenceCompletions:
             sampler.accelerator,
             dataset_name,
             batch_size=args.typo_generation_batch_size or args.per_device_eval_batch_size,
-            zero3=sampler.zero3,
         )
         return dataset
 
@@ -239,7 +238,10 @@ def sample_completions(
                     input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
                     attention_mask[row, width - len(ids) :] = 1
                 output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=config
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    synced_gpus=False,  # the weights are whole here (gathered under ZeRO-3): no rank waits for another
                 )
                 for row, index in enumerate(batch):
                     completions[index] = _cut_at_eos(output[row, width:].tolist(), eos_ids)
@@ -288,14 +290,13 @@ def generate_completions_cached(
     accelerator,
     dataset_name: str,
     batch_size: int = 8,
-    zero3: bool = False,
 ) -> tuple[Dataset, bool]:
     """Add ``<column>_ids`` sampled from ``model`` (the reference), loading them from the cache when present.
 
     Returns ``(dataset, cache_hit)``. Prompts are split across processes; the main process writes the
-    cache, then every process reads it, so all hold the same completions. Under ZeRO-3 (``zero3``) the cache is
-    read (its key hashes the gathered weights, as one process hashes them) but a miss is an error: sampling there
-    would need every rank in every ``generate`` forward, which a split of the prompts does not give.
+    cache, then every process reads it, so all hold the same completions. Under ZeRO-3 each process gathers the
+    reference's full weights for the sampling (as TRL gathers them to generate in its online trainers), so the
+    processes sample independently, as under DDP, and the key hashes the gathered weights, as one process does.
     """
     if isinstance(dataset, IterableDataset):
         raise ValueError(
@@ -311,14 +312,9 @@ def generate_completions_cached(
     folder = os.path.join(cache_dir or default_cache_dir(), key[:32])
     output_column = ids_column(column)
     hit = os.path.exists(os.path.join(folder, "settings.json"))
-    if not hit and zero3:
-        raise ValueError(
-            f"Column {column!r} is missing from the {dataset_name} dataset and reference completions cannot be "
-            f"sampled under DeepSpeed ZeRO-3 (sharded weights), and none are cached in {folder}. Sample them once "
-            "without ZeRO-3 (1 process or DDP, same typo_generation_cache_dir and settings), or add the column."
-        )
     if not hit:
-        with accelerator.split_between_processes(list(range(len(prompts)))) as indices:
+        # Each process samples its share of the prompts on its own; under ZeRO-3 with the weights gathered first.
+        with full_weights_present(model), accelerator.split_between_processes(list(range(len(prompts)))) as indices:
             local = sample_completions(
                 model,
                 [prompts[i] for i in indices],
