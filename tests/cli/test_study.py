@@ -340,6 +340,56 @@ def test_jobs_need_the_study_file_and_the_default_evaluation(study_dir, tmp_path
     assert read_runs(tmp_path / "out") == []
 
 
+class TwoSlotPool:
+    """An executor that runs its first two submissions in threads and keeps the rest pending (no slot frees up in
+    this test), so which runs are under way when one fails is fixed, not a race."""
+
+    def __init__(self):
+        self.threads = []
+
+    def submit(self, fn, *args):
+        import threading
+        from concurrent.futures import Future
+
+        future = Future()
+        if len(self.threads) < 2:
+
+            def work():
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn(*args))
+                    except Exception as error:
+                        future.set_exception(error)
+
+            self.threads.append(threading.Thread(target=work))
+            self.threads[-1].start()
+        return future
+
+
+def test_a_failed_concurrent_run_cancels_the_runs_not_started_and_keeps_those_under_way():
+    """--jobs: run b fails while run a is under way; a finishes and is kept, c (not started) is cancelled, and b's
+    error is raised after a's record."""
+    import threading
+
+    b_failed, started, finished = threading.Event(), [], []
+
+    def run(arm_name, seed):
+        started.append(arm_name)
+        if arm_name == "b":
+            b_failed.set()
+            raise RuntimeError("run b failed")
+        assert b_failed.wait(timeout=10)  # a is still under way when b fails
+        return {"arm": arm_name, "seed": seed}
+
+    pool = TwoSlotPool()
+    with pytest.raises(RuntimeError, match="^run b failed$"):
+        study_module.run_concurrently(pool, run, [("a", 0), ("b", 0), ("c", 0)], finished.append)
+    for thread in pool.threads:
+        thread.join()
+    assert finished == [{"arm": "a", "seed": 0}]
+    assert sorted(started) == ["a", "b"]
+
+
 def test_the_shipped_study_file_is_valid_and_its_data_and_evaluation_resolve():
     """examples/study/seeds.yaml: every arm's loss type and fields known, the baseline's seeds cover every arm, the
     training file and the evaluation splits exist (the SFT reference folder is built on demand, not shipped)."""

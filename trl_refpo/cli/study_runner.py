@@ -427,6 +427,33 @@ def _append(output_dir, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
+def run_concurrently(pool, run: Callable[[str, int], dict], todo: list[tuple[str, int]], finished) -> None:
+    """``run(arm_name, seed)`` for every pending pair on ``pool`` (an executor); ``finished(record)`` for each record as
+    its run ends. A failed run stops the study as a kill would, except that the runs already under way finish and go
+    to ``finished``: the ones not started are cancelled, and the first failure is raised at the end."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    pending = {pool.submit(run, arm_name, seed) for arm_name, seed in todo}
+    failure = None
+    try:
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                try:
+                    record = future.result()
+                except Exception as error:
+                    failure = failure or error
+                    continue
+                finished(record)
+            if failure is not None:
+                pending = {future for future in pending if not future.cancel()}  # those under way
+    finally:  # also when ``finished`` raises: nothing more starts
+        for future in pending:
+            future.cancel()
+    if failure is not None:
+        raise failure
+
+
 def _run_in_subprocess(study_path: str, arm_name: str, seed: int, output_dir: str) -> dict:
     study = load_study(study_path)
     return run_one(study, study.arm(arm_name), seed, output_dir)
@@ -457,44 +484,28 @@ def run_study(
     check_sources(study, {arm.name: arm for arm, _ in todo}.values())
     records = []
     bar = tqdm(total=len(todo), desc="study runs", disable=not progress)
+
+    def finished(record):
+        _append(output_dir, record)
+        records.append(record)
+        bar.update()
+        if after_run:
+            after_run(record)
+
     if jobs > 1 and todo:
         if study_path is None or evaluate is not None:
             raise StudyError("--jobs > 1 needs the study as a file path and the default evaluation.")
+        import functools
         import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [
-                pool.submit(_run_in_subprocess, study_path, arm.name, seed, str(output_dir)) for arm, seed in todo
-            ]
-            failure = None
-            for future in as_completed(futures):
-                if future.cancelled():
-                    continue
-                try:
-                    record = future.result()
-                except Exception as error:
-                    # Stop as a kill would, but keep the runs already under way: they finish and are written.
-                    failure = failure or error
-                    for other in futures:
-                        other.cancel()
-                    continue
-                _append(output_dir, record)
-                records.append(record)
-                bar.update()
-                if after_run:
-                    after_run(record)
-            if failure is not None:
-                raise failure
+            run = functools.partial(_run_in_subprocess, study_path, output_dir=str(output_dir))
+            run_concurrently(pool, run, [(arm.name, seed) for arm, seed in todo], finished)
     else:
         for arm, seed in todo:
             bar.set_postfix_str(f"{arm.name} seed {seed}")
-            record = run_one(study, arm, seed, output_dir, evaluate=evaluate)
-            _append(output_dir, record)
-            records.append(record)
-            bar.update()
-            if after_run:
-                after_run(record)
+            finished(run_one(study, arm, seed, output_dir, evaluate=evaluate))
     bar.close()
     return records
 
