@@ -65,6 +65,7 @@ import numpy as np
 import yaml
 
 from .. import __version__
+from ..research.ifeval_eval import METRICS as EVALUATION_METRICS
 from ..research.ifeval_eval import evaluate_policy, load_ifeval_split
 from ..research.offline_models import resolve_model_path
 from .checks import check_model_path, check_tokenizer_path
@@ -658,17 +659,7 @@ def summarise(
 
 
 # ------------------------------------------------------------------------------------------------ the report
-REPORT_METRICS = [
-    "prompt_strict",
-    "prompt_loose",
-    "instruction_strict",
-    "instruction_loose",
-    "pair_accuracy",
-    "drift",
-    "reply_tokens",
-    "heldout_logps_chosen_change",
-    "heldout_logps_rejected_change",
-]
+REPORT_METRICS = [*EVALUATION_METRICS, "heldout_logps_chosen_change", "heldout_logps_rejected_change"]
 
 
 def _fmt(value: float) -> str:
