@@ -431,7 +431,8 @@ def _append(output_dir, record: dict) -> None:
 def run_concurrently(pool, run: Callable[[str, int], dict], todo: list[tuple[str, int]], finished) -> None:
     """``run(arm_name, seed)`` for every pending pair on ``pool`` (an executor); ``finished(record)`` for each record as
     its run ends. A failed run stops the study as a kill would, except that the runs already under way finish and go
-    to ``finished``: the ones not started are cancelled, and the first failure is raised at the end."""
+    to ``finished``: the ones not started are cancelled, and the first failure is raised at the end. (A process pool
+    may already have queued one run beyond its workers; that one counts as under way: it runs and is kept.)"""
     from concurrent.futures import FIRST_COMPLETED, wait
 
     pending = {pool.submit(run, arm_name, seed) for arm_name, seed in todo}
