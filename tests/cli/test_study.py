@@ -123,9 +123,14 @@ def test_study_runs_resumes_and_reruns_a_changed_arm(study_dir, tmp_path):
     def kill_after_first(record):
         raise Killed  # the process dies right after writing the first finished run
 
+    fake_evaluate.calls.clear()
     with pytest.raises(Killed):
         run_study(path, out, evaluate=fake_evaluate, after_run=kill_after_first, progress=False)
     assert [(r["arm"], r["seed"]) for r in read_runs(out)] == [("dpo", 0)]
+    # the policy before training was evaluated first, once, with no reference (no drift)
+    assert fake_evaluate.calls == [0, 0]
+    initial = json.loads((out / "initial.json").read_text())
+    assert initial["arm"] == "initial policy" and "drift" not in initial["metrics"] and len(initial["per_prompt"]) == 4
 
     fake_evaluate.calls.clear()
     resumed = run_study(path, out, evaluate=fake_evaluate, progress=False)
@@ -154,6 +159,12 @@ def test_study_runs_resumes_and_reruns_a_changed_arm(study_dir, tmp_path):
     summary = write_report(load_study(out / "study.yaml"), out, num_resamples=50)
     text = summary.read_text()
     assert "4 of 4 runs finished" in text and "| flex |" in text and (out / "figures" / "prompt_strict.png").exists()
+    assert "| initial policy |" in text and "gain over the initial policy" in text
+    rows = json.loads((out / "summary.json").read_text())
+    dpo = next(r for r in rows if r["arm"] == "dpo" and r["metric"] == "prompt_strict")
+    by_seed = current_runs(study, read_runs(out))["dpo"]
+    expected = np.mean([by_seed[s]["metrics"]["prompt_strict"] for s in (0, 1)]) - initial["metrics"]["prompt_strict"]
+    assert dpo["gain"] == pytest.approx(expected)
 
 
 def test_cli_study_report_and_bad_input(study_dir, tmp_path, capsys, monkeypatch):
@@ -166,6 +177,7 @@ def test_cli_study_report_and_bad_input(study_dir, tmp_path, capsys, monkeypatch
     assert error.startswith("trl-refpo study: error: arm 'flex': Unknown loss_type ['flex_dpoo']")
     assert "\n" not in error and not out.exists()  # nothing ran
 
+    monkeypatch.setattr(study_module, "evaluate_initial_policy", lambda study, output_dir, evaluate=None: {})
     monkeypatch.setattr(
         study_module,
         "run_one",
@@ -273,6 +285,35 @@ def test_summarise_verdicts_on_fixed_runs():
     assert rows[("same", "prompt_strict")]["verdict"] == NO_DIFFERENCE
     assert rows[("same", "drift")]["diff"] == 0.0 and "diff" not in rows[("base", "prompt_strict")]
     assert rows[("base", "drift")]["mean"] == pytest.approx(0.05)  # mean over seeds of the per-prompt drift
+
+
+def test_gain_over_the_initial_policy_by_hand():
+    """The initial policy's greedy evaluation is the same for every seed: the gain is the paired difference with
+    its values repeated per seed (seeds and prompts resampled as for any paired difference)."""
+
+    def record(strict, pair_accuracy):
+        return {
+            "metrics": {"prompt_strict": float(np.mean(strict)), "pair_accuracy": pair_accuracy},
+            "per_prompt": [
+                {"key": k, "strict": [v], "loose": [v], "reply_tokens": 1, "drift": None} for k, v in enumerate(strict)
+            ],
+        }
+
+    runs = {"arm": {0: record([1, 1, 0], 0.5), 1: record([1, 0, 0], 0.75)}}
+    initial = record([0, 1, 0], 0.25)
+    rows = summarise(runs, "arm", ["prompt_strict", "pair_accuracy"], num_resamples=200, seed=3, initial=initial)
+    strict, pairs = rows
+    expected = bootstrap_over_seeds_and_prompts(
+        [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]], [[0.0, 1.0, 0.0]] * 2, seed=3, num_resamples=200
+    )
+    assert strict["gain"] == pytest.approx(0.5 - 1 / 3)  # (2/3 + 1/3) / 2 − 1/3
+    assert (strict["gain"], strict["gain_low"], strict["gain_high"]) == pytest.approx(expected)
+    assert pairs["gain"] == pytest.approx(0.625 - 0.25)  # one number per run: seeds resampled only
+    assert 0.25 <= pairs["gain_low"] <= pairs["gain_high"] <= 0.5
+    moved = record([0, 1, 0], 0.25)
+    moved["per_prompt"][0]["key"] = 9
+    with pytest.raises(StudyError, match="its evaluation prompts differ from the initial policy's"):
+        summarise(runs, "arm", ["prompt_strict"], num_resamples=10, initial=moved)
 
 
 def test_pair_accuracy_is_the_runs_own_over_all_pairs():

@@ -46,6 +46,9 @@ instructions over the chosen prompts.
   direction), below 0 → ``worse`` (``lower``), else ``no detectable difference at this size``.
 * Metrics without per-prompt values (the held-out pairs' mean log-probs ``logps_chosen`` / ``logps_rejected``, their
   change from the initial policy, the final training logs) resample seeds only.
+* Gain over the initial policy: the study also evaluates the policy before training, once (``DIR/initial.json``:
+  the baseline arm's trainer, built and not trained). Greedy replies make that evaluation the same for every seed,
+  so the gain is the paired difference ``metric_a − metric_initial`` with the initial values repeated for each seed.
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ from .run import build_trainer
 
 
 RUNS_FILE = "runs.jsonl"
+INITIAL_FILE = "initial.json"
+INITIAL_ARM = "initial policy"
 SUMMARY_FILE = "summary.md"
 STUDY_KEYS = {"recipe", "evaluation", "seeds", "baseline", "arms"}
 EVALUATION_KEYS = {
@@ -406,6 +411,67 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
     }
 
 
+def initial_hash(study: Study) -> str:
+    """What the evaluation of the policy before training depends on: its model, tokenizer and the evaluation."""
+    keys = ("model_name_or_path", "tokenizer_name_or_path", "model_revision", "dtype")
+    what = {"recipe": {key: study.recipe.get(key) for key in keys}, "evaluation": study.evaluation}
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_initial(study: Study, output_dir) -> dict | None:
+    """``DIR/initial.json`` when it was made with the study's current model and evaluation, else None."""
+    path = Path(output_dir) / INITIAL_FILE
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("config_hash") == initial_hash(study) else None
+
+
+def evaluate_initial_policy(study: Study, output_dir, evaluate=None) -> dict:
+    """The policy before training, judged by the study's evaluation, once per study: ``DIR/initial.json``, the
+    "before" that each arm's gain is read against. The baseline arm's trainer is built (the model and tokenizer
+    every arm starts from, loaded as the arms load them) and not trained; no drift (it is 0 by definition)."""
+    import torch
+
+    record = read_initial(study, output_dir)
+    if record is not None:
+        return record
+    evaluate = evaluate or evaluate_policy
+    arm = study.arm(study.baseline)
+    parsed = parse_recipe(["--config", _write_recipe(study, arm, arm.seeds[0], Path(output_dir) / "runs" / "initial")])
+    if torch.cuda.is_available() and "bf16" not in study.run_recipe(arm, arm.seeds[0]):
+        parsed.training_args.bf16 = True
+    trainer = build_trainer(parsed)
+    start = time.perf_counter()
+    report = evaluate(
+        trainer.model,
+        trainer.processing_class,
+        evaluation_prompts(study),
+        ref_model=None,
+        pairs=_evaluation_rows(study, "pairs"),
+        seed=0,
+        batch_size=study.evaluation.get("batch_size", 16),
+        max_new_tokens=study.evaluation.get("max_new_tokens", 64),
+        num_resamples=study.evaluation.get("num_resamples", 1000),
+        progress=True,
+    )
+    record = {
+        "arm": INITIAL_ARM,
+        "config_hash": initial_hash(study),
+        "version": __version__,
+        "device": _device(),
+        "eval_seconds": round(time.perf_counter() - start, 2),
+        "metrics": dict(report.metrics),
+        "intervals": {key: list(value) for key, value in report.intervals.items()},
+        "per_instruction": report.per_instruction,
+        "per_prompt": report.per_prompt,
+        "model_name_or_path": study.recipe.get("model_name_or_path"),
+        "evaluation": study.evaluation,
+    }
+    (Path(output_dir) / INITIAL_FILE).write_text(json.dumps(record) + "\n")
+    return record
+
+
 def _initial_policy_path(parsed) -> str:
     return resolve_model_path(parsed.model_args.model_name_or_path)
 
@@ -484,6 +550,9 @@ def run_study(
     save_study(study, output_dir)
     todo = pending_runs(study, output_dir)
     check_sources(study, {arm.name: arm for arm, _ in todo}.values())
+    if jobs > 1 and todo and (study_path is None or evaluate is not None):
+        raise StudyError("--jobs > 1 needs the study as a file path and the default evaluation.")
+    evaluate_initial_policy(study, output_dir, evaluate=evaluate)
     records = []
     bar = tqdm(total=len(todo), desc="study runs", disable=not progress)
 
@@ -495,8 +564,6 @@ def run_study(
             after_run(record)
 
     if jobs > 1 and todo:
-        if study_path is None or evaluate is not None:
-            raise StudyError("--jobs > 1 needs the study as a file path and the default evaluation.")
         import functools
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -604,8 +671,10 @@ def summarise(
     *,
     seed: int = 0,
     num_resamples: int = 1000,
+    initial: dict | None = None,
 ) -> list[dict]:
-    """One row per (arm, metric): estimate and interval, and the paired difference against ``baseline``."""
+    """One row per (arm, metric): estimate and interval, the paired difference against ``baseline``, and with
+    ``initial`` (the record of the policy before training) the gain over it."""
     rows = []
     base_runs = runs_by_arm.get(baseline, {})
     for arm, by_seed in runs_by_arm.items():
@@ -655,12 +724,44 @@ def summarise(
                 row.update(
                     diff=diff[0], diff_low=diff[1], diff_high=diff[2], verdict=verdict(metric, diff[1], diff[2])
                 )
+            if initial is not None:
+                row.update(_gain(arm, metric, [by_seed[s] for s in seeds], initial, seed, num_resamples))
             rows.append(row)
     return rows
 
 
+def _gain(arm: str, metric: str, runs: list[dict], initial: dict, seed: int, num_resamples: int) -> dict:
+    """The paired gain over the policy before training (its greedy evaluation repeated for every seed), if it has
+    the metric."""
+    initial_values = _per_prompt_values(initial, metric)
+    values = [_per_prompt_values(run, metric) for run in runs]
+    if initial_values is not None and all(v is not None for v in values):
+        if any([r["key"] for r in run["per_prompt"]] != [r["key"] for r in initial["per_prompt"]] for run in runs):
+            raise StudyError(
+                f"arm {arm!r}: its evaluation prompts differ from the initial policy's ({INITIAL_FILE}); "
+                f"delete {INITIAL_FILE} to evaluate the initial policy again."
+            )
+        gain = bootstrap_over_seeds_and_prompts(
+            values, [initial_values] * len(runs), seed=seed, num_resamples=num_resamples
+        )
+    elif metric in initial["metrics"] and initial_values is None:
+        gain = bootstrap_over_seeds(
+            [run["metrics"][metric] for run in runs],
+            [initial["metrics"][metric]] * len(runs),
+            seed=seed,
+            num_resamples=num_resamples,
+        )
+    else:
+        return {}
+    return {"gain": gain[0], "gain_low": gain[1], "gain_high": gain[2]}
+
+
 # ------------------------------------------------------------------------------------------------ the report
 REPORT_METRICS = [*EVALUATION_METRICS, "heldout_logps_chosen_change", "heldout_logps_rejected_change"]
+
+
+def _interval(row: dict, name: str) -> str:
+    return f"{_fmt(row[name])} [{_fmt(row[name + '_low'])}, {_fmt(row[name + '_high'])}]" if name in row else "-"
 
 
 def _fmt(value: float) -> str:
@@ -673,12 +774,21 @@ def write_report(study: Study, output_dir, *, seed: int = 0, num_resamples: int 
     runs_by_arm = current_runs(study, read_runs(output_dir))
     done = sum(map(len, runs_by_arm.values()))
     planned = sum(len(arm.seeds) for arm in study.arms)
-    rows = summarise(runs_by_arm, study.baseline, seed=seed, num_resamples=num_resamples)
+    initial = read_initial(study, output_dir)
+    rows = summarise(runs_by_arm, study.baseline, seed=seed, num_resamples=num_resamples, initial=initial)
+    if initial is not None:
+        initial_rows = summarise({INITIAL_ARM: {0: initial}}, INITIAL_ARM, seed=seed, num_resamples=num_resamples)
+        rows = [row for row in initial_rows if row["metric"] in REPORT_METRICS] + rows
     lines = [
         f"# Study summary: {done} of {planned} runs finished",
         "",
         f"Baseline arm: `{study.baseline}`. 95 % intervals: bootstrap over prompts and seeds "
         f"({num_resamples} resamples, seed {seed}); differences are paired (same seeds, same prompts).",
+        "",
+        f"`{INITIAL_ARM}`: the policy before training, evaluated the same way ({INITIAL_FILE}); an arm's gain is its "
+        "paired difference from it."
+        if initial is not None
+        else f"The policy before training has not been evaluated ({INITIAL_FILE} is missing): no gains.",
         "",
     ]
     lines += ["| arm | seeds done | wall time per run (s) |", "|---|---|---|"]
@@ -693,14 +803,14 @@ def write_report(study: Study, output_dir, *, seed: int = 0, num_resamples: int 
         lines += [
             f"## {metric}",
             "",
-            f"| arm | mean [95 % interval] | paired difference vs {study.baseline} | verdict |",
-            "|---|---|---|---|",
+            f"| arm | mean [95 % interval] | gain over the {INITIAL_ARM} | paired difference vs {study.baseline} "
+            "| verdict |",
+            "|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["metric"] == metric):
-            diff = f"{_fmt(row['diff'])} [{_fmt(row['diff_low'])}, {_fmt(row['diff_high'])}]" if "diff" in row else "-"
             lines.append(
                 f"| {row['arm']} | {_fmt(row['mean'])} [{_fmt(row['low'])}, {_fmt(row['high'])}] | "
-                f"{diff} | {row.get('verdict', '-')} |"
+                f"{_interval(row, 'gain')} | {_interval(row, 'diff')} | {row.get('verdict', '-')} |"
             )
         lines.append("")
     other = sorted({r["metric"] for r in rows} - set(REPORT_METRICS))
@@ -735,9 +845,10 @@ def save_figures(rows: list[dict], folder: Path, baseline: str) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for metric in ("prompt_strict", "instruction_strict", "drift"):
-        chosen = [r for r in rows if r["metric"] == metric]
+        chosen = [r for r in rows if r["metric"] == metric and r["arm"] != INITIAL_ARM]
         if not chosen:
             continue
+        before = next((r["mean"] for r in rows if r["metric"] == metric and r["arm"] == INITIAL_ARM), None)
         figure, (left, right) = plt.subplots(1, 2, figsize=(11, 0.45 * len(chosen) + 1.8), sharey=True)
         ys = np.arange(len(chosen))
         means = np.array([r["mean"] for r in chosen])
@@ -748,6 +859,9 @@ def save_figures(rows: list[dict], folder: Path, baseline: str) -> list[Path]:
             fmt="o",
             capsize=3,
         )
+        if before is not None:
+            left.axvline(before, color="tab:gray", linestyle="--", linewidth=1, label=f"{INITIAL_ARM}: {before:.3f}")
+            left.legend(loc="lower right", fontsize=8)
         left.set_yticks(ys, [r["arm"] for r in chosen])
         left.set_xlabel(f"{metric} (mean over seeds, 95 % interval)")
         for y, r in zip(ys, chosen):
