@@ -381,6 +381,14 @@ def test_jobs_need_the_study_file_and_the_default_evaluation(study_dir, tmp_path
     assert read_runs(tmp_path / "out") == []
 
 
+def test_jobs_share_the_cores_out_unless_omp_num_threads_is_set(monkeypatch):
+    monkeypatch.setattr(study_module.os, "cpu_count", lambda: 16)
+    assert study_module.worker_threads(4, environ={}) == 4
+    assert study_module.worker_threads(3, environ={}) == 5
+    assert study_module.worker_threads(32, environ={}) == 1
+    assert study_module.worker_threads(2, environ={"OMP_NUM_THREADS": "1"}) is None
+
+
 class TwoSlotPool:
     """An executor that runs its first two submissions in threads and keeps the rest pending (no slot frees up in
     this test), so which runs are under way when one fails is fixed, not a race."""

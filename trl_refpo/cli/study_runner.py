@@ -522,7 +522,20 @@ def run_concurrently(pool, run: Callable[[str, int], dict], todo: list[tuple[str
         raise failure
 
 
-def _run_in_subprocess(study_path: str, arm_name: str, seed: int, output_dir: str) -> dict:
+def worker_threads(jobs: int, environ=os.environ) -> int | None:
+    """Torch CPU threads for each of ``jobs`` worker processes: the cores shared out (at least 1), unless
+    ``OMP_NUM_THREADS`` says otherwise (then None: torch reads it). Workers that each spin torch's default
+    thread count on the same cores slow each other far more than their number (docs/ifeval.md)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // jobs)
+
+
+def _run_in_subprocess(study_path: str, arm_name: str, seed: int, output_dir: str, threads: int | None = None) -> dict:
+    import torch
+
+    if threads is not None and not torch.cuda.is_available():
+        torch.set_num_threads(threads)
     study = load_study(study_path)
     return run_one(study, study.arm(arm_name), seed, output_dir)
 
@@ -569,7 +582,9 @@ def run_study(
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            run = functools.partial(_run_in_subprocess, study_path, output_dir=str(output_dir))
+            run = functools.partial(
+                _run_in_subprocess, study_path, output_dir=str(output_dir), threads=worker_threads(jobs)
+            )
             run_concurrently(pool, run, [(arm.name, seed) for arm, seed in todo], finished)
     else:
         for arm, seed in todo:
