@@ -172,13 +172,20 @@ def test_notebook_with_missing_model_stops_with_one_line(notebook_env, monkeypat
 
 def test_readme_figures_exist_and_the_command_after_each_regenerates_it():
     """Every README image under docs/images/ is a small PNG, and the first `execute.py --export NAME` after it names
-    the notebook whose source saves that file."""
+    the notebook whose source saves that file (a study figure: the report command follows it and it is a copy of the
+    report's own figure)."""
     readme = (NOTEBOOK_DIR.parents[1] / "README.md").read_text()
     images = list(re.finditer(r"!\[[^\]]*\]\((docs/images/[^)]+\.png)\)", readme))
     assert len(images) >= 4
     for image in images:
         path = NOTEBOOK_DIR.parents[1] / image.group(1)
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 150_000, path
+        if path.name.startswith("study_"):  # the study report's figure, copied: the report command follows it
+            report = "trl-refpo study report examples/study/results"
+            assert report in readme[image.end() : image.end() + 600], f"no `{report}` after {image.group(1)}"
+            written = NOTEBOOK_DIR.parents[1] / "examples/study/results/figures" / path.name.removeprefix("study_")
+            assert path.read_bytes() == written.read_bytes(), f"{path} is not a copy of {written}"
+            continue
         command = re.compile(r"python examples/notebooks/execute\.py --export (\w+)").search(readme, image.end())
         assert command is not None and command.group(1) in NOTEBOOKS, f"no command after {image.group(1)}"
         source = (NOTEBOOK_DIR / f"{command.group(1)}.py").read_text()
