@@ -337,20 +337,49 @@ def _pairs_logps(trainer, pairs) -> dict[str, float]:
     return {name: float(metrics[key]) for key, name in wanted.items() if key in metrics}
 
 
-def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dict:
-    """Train one (arm, seed) with ``trl-refpo dpo``'s trainer and evaluate it; the JSON record of the run."""
+def _arm_trainer(study: Study, arm: Arm, seed: int, folder: Path):
+    """The (arm, seed) recipe parsed and its trainer built, as ``trl-refpo dpo`` builds it (bf16 on a CUDA GPU unless
+    the recipe sets it); checkpoints are not saved."""
     import torch
 
-    if evaluate is None:
-        evaluate = evaluate_policy
-    run_dir = Path(output_dir) / "runs" / f"{arm.name}-seed{seed}"
-    prompts, pairs = evaluation_prompts(study), _evaluation_rows(study, "pairs")
-    start = time.perf_counter()
-    parsed = parse_recipe(["--config", _write_recipe(study, arm, seed, run_dir)])
+    parsed = parse_recipe(["--config", _write_recipe(study, arm, seed, folder)])
     if torch.cuda.is_available() and "bf16" not in study.run_recipe(arm, seed):
         parsed.training_args.bf16 = True
     parsed.training_args.save_strategy = "no"
-    trainer = build_trainer(parsed)
+    return parsed, build_trainer(parsed)
+
+
+def _study_evaluation(study: Study, evaluate, model, tokenizer, prompts, pairs, *, ref_model, seed: int):
+    """``evaluate`` (``evaluate_policy`` by default) on the study's prompts and pairs with its settings."""
+    return (evaluate or evaluate_policy)(
+        model,
+        tokenizer,
+        prompts,
+        ref_model=ref_model,
+        pairs=pairs,
+        seed=seed,
+        batch_size=study.evaluation.get("batch_size", 16),
+        max_new_tokens=study.evaluation.get("max_new_tokens", 64),
+        num_resamples=study.evaluation.get("num_resamples", 1000),
+        progress=True,
+    )
+
+
+def _report_fields(report) -> dict:
+    return {
+        "metrics": dict(report.metrics),
+        "intervals": {key: list(value) for key, value in report.intervals.items()},
+        "per_instruction": report.per_instruction,
+        "per_prompt": report.per_prompt,
+    }
+
+
+def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dict:
+    """Train one (arm, seed) with ``trl-refpo dpo``'s trainer and evaluate it; the JSON record of the run."""
+    run_dir = Path(output_dir) / "runs" / f"{arm.name}-seed{seed}"
+    prompts, pairs = evaluation_prompts(study), _evaluation_rows(study, "pairs")
+    start = time.perf_counter()
+    parsed, trainer = _arm_trainer(study, arm, seed, run_dir)
     initial = _pairs_logps(trainer, pairs) if pairs else {}
     train_start = time.perf_counter()
     train_result = trainer.train()
@@ -370,20 +399,10 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
     if study.evaluation.get("drift", True):
         ref_model = type(model).from_pretrained(_initial_policy_path(parsed), dtype=model.dtype).to(model.device)
     eval_start = time.perf_counter()
-    report = evaluate(
-        model,
-        tokenizer,
-        prompts,
-        ref_model=ref_model,
-        pairs=pairs,
-        seed=seed,
-        batch_size=study.evaluation.get("batch_size", 16),
-        max_new_tokens=study.evaluation.get("max_new_tokens", 64),
-        num_resamples=study.evaluation.get("num_resamples", 1000),
-        progress=True,
-    )
+    report = _study_evaluation(study, evaluate, model, tokenizer, prompts, pairs, ref_model=ref_model, seed=seed)
     eval_seconds = time.perf_counter() - eval_start
-    metrics = dict(report.metrics)
+    fields = _report_fields(report)
+    metrics = fields["metrics"]
     for name, value in after.items():
         metrics[f"heldout_{name}"] = value
         if name.startswith("logps_"):
@@ -402,10 +421,7 @@ def run_one(study: Study, arm: Arm, seed: int, output_dir, evaluate=None) -> dic
         "wall_seconds": round(time.perf_counter() - start, 2),
         "train_seconds": round(train_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
-        "metrics": metrics,
-        "intervals": {key: list(value) for key, value in report.intervals.items()},
-        "per_instruction": report.per_instruction,
-        "per_prompt": report.per_prompt,
+        **fields,
         "config": study.run_recipe(arm, seed),
         "evaluation": study.evaluation,
     }
@@ -431,29 +447,15 @@ def evaluate_initial_policy(study: Study, output_dir, evaluate=None) -> dict:
     """The policy before training, judged by the study's evaluation, once per study: ``DIR/initial.json``, the
     "before" that each arm's gain is read against. The baseline arm's trainer is built (the model and tokenizer
     every arm starts from, loaded as the arms load them) and not trained; no drift (it is 0 by definition)."""
-    import torch
-
     record = read_initial(study, output_dir)
     if record is not None:
         return record
-    evaluate = evaluate or evaluate_policy
     arm = study.arm(study.baseline)
-    parsed = parse_recipe(["--config", _write_recipe(study, arm, arm.seeds[0], Path(output_dir) / "runs" / "initial")])
-    if torch.cuda.is_available() and "bf16" not in study.run_recipe(arm, arm.seeds[0]):
-        parsed.training_args.bf16 = True
-    trainer = build_trainer(parsed)
+    _, trainer = _arm_trainer(study, arm, arm.seeds[0], Path(output_dir) / "runs" / "initial")
     start = time.perf_counter()
-    report = evaluate(
-        trainer.model,
-        trainer.processing_class,
-        evaluation_prompts(study),
-        ref_model=None,
-        pairs=_evaluation_rows(study, "pairs"),
-        seed=0,
-        batch_size=study.evaluation.get("batch_size", 16),
-        max_new_tokens=study.evaluation.get("max_new_tokens", 64),
-        num_resamples=study.evaluation.get("num_resamples", 1000),
-        progress=True,
+    prompts, pairs = evaluation_prompts(study), _evaluation_rows(study, "pairs")
+    report = _study_evaluation(
+        study, evaluate, trainer.model, trainer.processing_class, prompts, pairs, ref_model=None, seed=0
     )
     record = {
         "arm": INITIAL_ARM,
@@ -461,10 +463,7 @@ def evaluate_initial_policy(study: Study, output_dir, evaluate=None) -> dict:
         "version": __version__,
         "device": _device(),
         "eval_seconds": round(time.perf_counter() - start, 2),
-        "metrics": dict(report.metrics),
-        "intervals": {key: list(value) for key, value in report.intervals.items()},
-        "per_instruction": report.per_instruction,
-        "per_prompt": report.per_prompt,
+        **_report_fields(report),
         "model_name_or_path": study.recipe.get("model_name_or_path"),
         "evaluation": study.evaluation,
     }
