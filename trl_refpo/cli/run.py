@@ -224,6 +224,9 @@ def train_and_save(trainer: RefPOTrainer, parsed: ParsedRecipe) -> RefPOTrainer:
         trainer.save_metrics("eval", metrics)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    # The main process writes the card and results alone: a process that destroys the group (``end``) and exits
+    # while the other still runs can abort ("terminate called without an active exception") and fail the launch.
+    trainer.accelerator.wait_for_everyone()
     if hasattr(trainer, "end"):
         trainer.end()
     return trainer
