@@ -114,3 +114,32 @@ def test_another_seed_gives_other_samples(tmp_path):
     again = ifeval_data.generate_replies(model, tokenizer, prompts, do_sample=True, seed=0, **kwargs)
     other = ifeval_data.generate_replies(model, tokenizer, prompts, do_sample=True, seed=1, **kwargs)
     assert first == again and first != other
+
+
+def test_worker_processes_sample_the_same_data_as_one_process(tmp_path):
+    """``--workers``: each batch is reseeded, so sampling it in another process (at another thread count) gives the
+    same files byte for byte."""
+    tokenizer = tiny_tokenizer(extra_words=EXTRA_WORDS)
+    tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    model, tokenizer = ifeval_data.load_policy(str(tmp_path / "model"))
+    settings = dict(
+        model_name=str(tmp_path / "model"),
+        num_train_prompts=12,
+        num_heldout_prompts=24,
+        num_heldout_pair_prompts=6,
+        num_samples=6,
+        temperature=2.0,
+        top_p=1.0,
+        max_new_tokens=6,
+        batch_size=4,
+        progress=False,
+    )
+    one = build(model, tokenizer, tmp_path / "one", seed=0, workers=1, **settings)
+    two = build(model, tokenizer, tmp_path / "two", seed=0, workers=2, **settings)
+    assert one["files"] == two["files"] and one["train"]["pairs"] + one["heldout_pairs"]["pairs"] >= 1
+    for name in one["files"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert "(2 worker processes)" in (tmp_path / "two" / "ifeval_card.md").read_text()
+    with pytest.raises(ValueError, match=r"^workers: 0; use 1"):
+        build(model, tokenizer, tmp_path / "zero", seed=0, workers=0, **settings)
