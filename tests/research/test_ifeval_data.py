@@ -55,22 +55,24 @@ def test_pick_pair_takes_the_first_passing_and_the_failing_sample_closest_in_len
     assert pick_pair(samples, [True] * 5) is None and pick_pair(samples, [False] * 5) is None
 
 
+TINY_BUILD = dict(
+    num_train_prompts=12,
+    num_heldout_prompts=24,
+    num_heldout_pair_prompts=6,
+    num_samples=6,
+    temperature=2.0,
+    top_p=1.0,
+    max_new_tokens=6,
+    batch_size=4,
+    progress=False,
+)
+
+
 @pytest.fixture(scope="module")
 def tiny_build(tmp_path_factory):
     tokenizer = tiny_tokenizer(extra_words=EXTRA_WORDS)
     model = tiny_llama(tokenizer)
-    settings = dict(
-        model_name="tiny",
-        num_train_prompts=12,
-        num_heldout_prompts=24,
-        num_heldout_pair_prompts=6,
-        num_samples=6,
-        temperature=2.0,
-        top_p=1.0,
-        max_new_tokens=6,
-        batch_size=4,
-        progress=False,
-    )
+    settings = dict(model_name="tiny", **TINY_BUILD)
     first, second = tmp_path_factory.mktemp("a"), tmp_path_factory.mktemp("b")
     report = build(model, tokenizer, first, seed=0, **settings)
     build(model, tokenizer, second, seed=0, **settings)
@@ -123,18 +125,7 @@ def test_worker_processes_sample_the_same_data_as_one_process(tmp_path):
     tiny_llama(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     model, tokenizer = ifeval_data.load_policy(str(tmp_path / "model"))
-    settings = dict(
-        model_name=str(tmp_path / "model"),
-        num_train_prompts=12,
-        num_heldout_prompts=24,
-        num_heldout_pair_prompts=6,
-        num_samples=6,
-        temperature=2.0,
-        top_p=1.0,
-        max_new_tokens=6,
-        batch_size=4,
-        progress=False,
-    )
+    settings = dict(model_name=str(tmp_path / "model"), **TINY_BUILD)
     one = build(model, tokenizer, tmp_path / "one", seed=0, workers=1, **settings)
     two = build(model, tokenizer, tmp_path / "two", seed=0, workers=2, **settings)
     assert one["files"] == two["files"] and one["train"]["pairs"] + one["heldout_pairs"]["pairs"] >= 1
