@@ -68,6 +68,7 @@ import numpy as np
 import yaml
 
 from .. import __version__
+from ..research.ifeval_data import worker_threads
 from ..research.ifeval_eval import METRICS as EVALUATION_METRICS
 from ..research.ifeval_eval import evaluate_policy, load_ifeval_split
 from ..research.offline_models import resolve_model_path
@@ -519,15 +520,6 @@ def run_concurrently(pool, run: Callable[[str, int], dict], todo: list[tuple[str
             future.cancel()
     if failure is not None:
         raise failure
-
-
-def worker_threads(jobs: int, environ=os.environ) -> int | None:
-    """Torch CPU threads for each of ``jobs`` worker processes: the cores shared out (at least 1), unless
-    ``OMP_NUM_THREADS`` says otherwise (then None: torch reads it). Workers that each spin torch's default
-    thread count on the same cores slow each other far more than their number (docs/ifeval.md)."""
-    if environ.get("OMP_NUM_THREADS"):
-        return None
-    return max(1, (os.cpu_count() or 1) // jobs)
 
 
 def _run_in_subprocess(study_path: str, arm_name: str, seed: int, output_dir: str, threads: int | None = None) -> dict:

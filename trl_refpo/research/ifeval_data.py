@@ -330,12 +330,22 @@ def _generate_batch(
     return replies
 
 
+def worker_threads(workers: int, environ=os.environ) -> int | None:
+    """Torch CPU threads for each of ``workers`` worker processes: the cores shared out (at least 1), unless
+    ``OMP_NUM_THREADS`` says otherwise (then None: torch reads it). Workers that each spin torch's default
+    thread count on the same cores slow each other far more than their number (measured in docs/ifeval.md)."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 _WORKER_POLICY = None
 
 
-def _load_worker_policy(model_name: str, threads: int) -> None:
+def _load_worker_policy(model_name: str, threads: int | None) -> None:
     global _WORKER_POLICY
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     model, tokenizer = load_policy(model_name)
     _WORKER_POLICY = (model.eval(), tokenizer)
 
@@ -346,18 +356,16 @@ def _generate_batch_in_worker(texts, seed, **settings):
 
 
 def sampling_pool(model_name: str, workers: int):
-    """A pool of ``workers`` CPU processes, each with its own copy of ``model_name`` (:func:`load_policy`) and the
-    cores shared out (``cpu_count // workers`` torch threads): on a small CPU one process barely uses a second
-    thread during decoding, two processes at one thread each sample nearly twice as fast."""
+    """A pool of ``workers`` CPU processes, each with its own copy of ``model_name`` (:func:`load_policy`) and
+    :func:`worker_threads` torch threads."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    threads = max(1, (os.cpu_count() or 1) // workers)
     return ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_load_worker_policy,
-        initargs=(model_name, threads),
+        initargs=(model_name, worker_threads(workers)),
     )
 
 
