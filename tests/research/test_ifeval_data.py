@@ -134,3 +134,6 @@ def test_worker_processes_sample_the_same_data_as_one_process(tmp_path):
     assert "(2 worker processes)" in (tmp_path / "two" / "ifeval_card.md").read_text()
     with pytest.raises(ValueError, match=r"^workers: 0; use 1"):
         build(model, tokenizer, tmp_path / "zero", seed=0, workers=0, **settings)
+    other = tiny_llama(tokenizer, seed=1)  # not what model_name loads: the workers would sample another model
+    with pytest.raises(ValueError, match=r"^workers: '.*model' loads other weights than the model given"):
+        build(other, tokenizer, tmp_path / "other", seed=0, workers=2, **settings)

@@ -43,6 +43,7 @@ import torch
 
 from ..objectives.typo_completions import eos_token_ids
 from ..testing import tiny_llama, tiny_tokenizer
+from ..weights import full_weights_hash
 from .ifeval_judge import build_checker, conflicts, judge, verifier_version
 from .offline_models import OfflineModelUnavailable, resolve_model_path
 
@@ -342,22 +343,29 @@ def worker_threads(workers: int, environ=os.environ) -> int | None:
 _WORKER_POLICY = None
 
 
-def _load_worker_policy(model_name: str, threads: int | None) -> None:
+def _load_worker_policy(model_name: str, threads: int | None, weights_hash: str) -> None:
     global _WORKER_POLICY
     if threads is not None:
         torch.set_num_threads(threads)
     model, tokenizer = load_policy(model_name)
-    _WORKER_POLICY = (model.eval(), tokenizer)
+    other_weights = full_weights_hash(model) != weights_hash
+    _WORKER_POLICY = (model.eval(), tokenizer, model_name if other_weights else None)
 
 
 def _generate_batch_in_worker(texts, seed, **settings):
-    model, tokenizer = _WORKER_POLICY
+    model, tokenizer, other_weights_from = _WORKER_POLICY
+    if other_weights_from is not None:  # raised here, not in the initializer, so that the caller gets this line
+        raise ValueError(
+            f"workers: {other_weights_from!r} loads other weights than the model given to sample from; pass that "
+            f"model's name or folder as model_name, or use workers=1."
+        )
     return _generate_batch(model, tokenizer, texts, seed, **settings)
 
 
-def sampling_pool(model_name: str, workers: int):
+def sampling_pool(model, model_name: str, workers: int):
     """A pool of ``workers`` CPU processes, each with its own copy of ``model_name`` (:func:`load_policy`) and
-    :func:`worker_threads` torch threads."""
+    :func:`worker_threads` torch threads. Each worker checks that it loaded ``model``'s weights: a batch asked of a
+    worker with other weights is an error."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -365,7 +373,7 @@ def sampling_pool(model_name: str, workers: int):
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_load_worker_policy,
-        initargs=(model_name, worker_threads(workers)),
+        initargs=(model_name, worker_threads(workers), full_weights_hash(model)),
     )
 
 
@@ -602,7 +610,7 @@ def build(
     was_training = model.training
     model.eval()
     built = {}
-    with sampling_pool(model_name, workers) if workers > 1 else contextlib.nullcontext() as pool:
+    with sampling_pool(model, model_name, workers) if workers > 1 else contextlib.nullcontext() as pool:
         try:
             for part in parts:
                 rows, part_seed = part_rows[part]
