@@ -137,3 +137,16 @@ def test_worker_processes_sample_the_same_data_as_one_process(tmp_path):
     other = tiny_llama(tokenizer, seed=1)  # not what model_name loads: the workers would sample another model
     with pytest.raises(ValueError, match=r"^workers: '.*model' loads other weights than the model given"):
         build(other, tokenizer, tmp_path / "other", seed=0, workers=2, **settings)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--workers", "0"], "--workers 0: use 1, or more than 1 only on the CPU"),
+        (["--workers", "2", "--threads", "1"], "--threads applies with --workers 1; 2 workers share the cores"),
+    ],
+)
+def test_bad_worker_flags_are_one_line_before_loading(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ifeval_data.main(["--model", "tiny", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -683,12 +683,16 @@ def main(argv=None) -> dict:
         help="pair files to build (the card is written once both are built; --workers uses several cores)",
     )
     cli = parser.parse_args(argv)
+    if cli.workers is not None and (cli.workers < 1 or (cli.workers > 1 and torch.cuda.is_available())):
+        parser.error(f"--workers {cli.workers}: use 1, or more than 1 only on the CPU (one model per process).")
+    workers = cli.workers or (1 if torch.cuda.is_available() else min(4, os.cpu_count() or 1))
+    if cli.threads and workers > 1:
+        parser.error(f"--threads applies with --workers 1; {workers} workers share the cores out themselves.")
     if cli.threads:
         torch.set_num_threads(cli.threads)
     model, tokenizer = load_policy(cli.model)
     if torch.cuda.is_available():
         model.to("cuda")
-    workers = cli.workers or (1 if model.device.type != "cpu" else min(4, os.cpu_count() or 1))
     start = time.time()
     report = build(
         model,
